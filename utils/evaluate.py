@@ -1,0 +1,461 @@
+"""Evaluate a DRAMA agent on Atari100k and aggregate results over games and seeds.
+
+Protocol (DRAMA paper, section 4 and Table 1; the usual Atari100k protocol):
+- the final agent plays 100 full episodes; we report the mean episodic return (every reward is counted,
+  no clipping) and the human-normalised score HNS = (score - random) / (human - random), with the
+  random and human scores of the paper's Table 1 (shipped next to this file as atari100k_scores.csv);
+- ALE v5 games, minimal action set, frameskip 4 with max-pool, no sticky actions, 108k-frame limit;
+- across games and seeds we report mean, median, interquartile mean (IQM) and optimality gap of the
+  HNS with stratified-bootstrap 95% confidence intervals, as rliable does (Agarwal et al. 2021, "Deep RL
+  at the edge of the statistical precipice"). rliable itself pulls in arch/statsmodels/pandas/seaborn,
+  so the ~60 lines it takes are written out here.
+
+Usage:
+    results = evaluate(agent, "ALE/Pong-v5")          # agent.reset(num_envs), agent.act(obs, starts, greedy)
+    results.update(exp_name="drama_xs", seed=1)
+    save_results(results, f"runs/{run_name}/eval_results.json")
+
+    python -m utils.evaluate aggregate runs/ --out figures/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+from utils import UserError
+from utils.atari import check_env_id, make_env
+
+TABLE1_CSV = Path(__file__).with_name("atari100k_scores.csv")
+METRICS = ("mean", "median", "iqm", "optimality_gap")
+METRIC_TITLES = {"mean": "Mean", "median": "Median", "iqm": "IQM", "optimality_gap": "Optimality gap"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Human-normalised score (paper Table 1)
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _table1() -> dict[str, dict[str, float]]:
+    with open(TABLE1_CSV, newline="") as f:
+        return {row.pop("game"): {k: float(v) for k, v in row.items()} for row in csv.DictReader(f)}
+
+
+def load_table1() -> dict[str, dict[str, float]]:
+    """The paper's Table 1: {game: {"random", "human", "ppo", ..., "drama"}} for the 26 Atari100k games."""
+    return {game: dict(row) for game, row in _table1().items()}
+
+
+def _strip_env_id(env_id: str) -> str:
+    """The game part of an env id: ALE/Krull-v5, KrullNoFrameskip-v4 and Krull all give Krull."""
+    return re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
+
+
+def game_name(game_or_env_id: str) -> str:
+    """Table 1's name of a game: "ALE/Krull-v5", "KrullNoFrameskip-v4", "krull" -> "Krull".
+
+    A game outside the 26 Atari100k games raises a one-line UserError.
+    """
+    name = _strip_env_id(game_or_env_id)
+    by_lower = {g.lower(): g for g in _table1()}
+    if name.lower() not in by_lower:
+        raise UserError(
+            f"unknown game {game_or_env_id!r}: Table 1 has random/human scores only for the 26 Atari100k "
+            f"games "
+            f"({', '.join(_table1())})"
+        )
+    return by_lower[name.lower()]
+
+
+def human_normalized_score(game_or_env_id: str, score: float) -> float:
+    """(score - random) / (human - random) with the random and human scores of the paper's Table 1."""
+    row = _table1()[game_name(game_or_env_id)]
+    return (score - row["random"]) / (row["human"] - row["random"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation episodes
+# --------------------------------------------------------------------------------------------------
+def episode_quotas(episodes: int, num_envs: int) -> np.ndarray:
+    """Episodes each env must contribute: ceil(episodes / num_envs) for the first `episodes % num_envs`
+    envs, floor for the rest. A fixed quota per env, with later episodes ignored, avoids the bias towards
+    short episodes of "take the first `episodes` that finish"."""
+    quotas = np.full(num_envs, episodes // num_envs, dtype=np.int64)
+    quotas[: episodes % num_envs] += 1
+    return quotas
+
+
+def evaluate(
+    agent,
+    env_id: str,
+    episodes: int = 100,
+    seed: int = 0,
+    num_envs: int = 8,
+    greedy: bool = False,
+    capture_video: bool = False,
+    video_dir: str | None = None,
+    sticky_actions: bool = False,
+    max_episode_frames: int = 108_000,
+) -> dict:
+    """Play `episodes` full episodes with `num_envs` parallel envs and return scores plus the protocol.
+
+    `agent.reset(num_envs)` is called once; then `agent.act(obs (N,64,64,3) uint8, episode_start (N,) bool,
+    greedy) -> actions (N,) int64`, where episode_start[i] is True when obs[i] is the first observation of
+    a new episode (the very first call, and the call right after env i finished an episode).
+
+    The vector env uses gymnasium's SAME_STEP autoreset (gymnasium 1.x defaults to NEXT_STEP, CleanRL
+    #499): the step that ends an episode already returns the first observation of the next one, and the
+    finished episode's statistics arrive in info["final_info"]. So every agent call sees a real
+    observation and no action is thrown away on a reset step. Returns and lengths are the ones
+    RecordEpisodeStatistics (inside make_env) measured: every reward counted, lengths in agent steps.
+    Env i is seeded with seed + i and contributes `episode_quotas(episodes, num_envs)[i]` episodes; envs
+    that filled their quota keep running (their episodes are ignored) until all quotas are filled.
+    """
+    if episodes < 1:
+        raise UserError(f"episodes must be >= 1, got {episodes}")
+    check_env_id(env_id)
+    game = _strip_env_id(env_id)
+    num_envs = max(1, min(num_envs, episodes))
+    quotas = episode_quotas(episodes, num_envs)
+    envs = gym.vector.SyncVectorEnv(
+        [
+            make_env(
+                env_id,
+                seed + i,
+                i,
+                capture_video,
+                f"{game}__eval__{seed}",
+                sticky_actions=sticky_actions,
+                max_episode_frames=max_episode_frames,
+                video_dir=video_dir,
+            )
+            for i in range(num_envs)
+        ],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    returns, lengths = [], []
+    finished = np.zeros(num_envs, dtype=np.int64)
+    try:
+        agent.reset(num_envs)
+        obs, _ = envs.reset(seed=seed)
+        episode_start = np.ones(num_envs, dtype=bool)
+        while (finished < quotas).any():
+            actions = np.asarray(agent.act(obs, episode_start, greedy))
+            obs, _, terminations, truncations, infos = envs.step(actions)
+            episode_start = np.logical_or(terminations, truncations)
+            for i in np.flatnonzero(episode_start):
+                final_info = infos["final_info"]
+                if not final_info.get("_episode", np.zeros(num_envs, bool))[i]:
+                    raise RuntimeError("make_env must wrap RecordEpisodeStatistics: no info['episode'] at episode end")
+                if finished[i] < quotas[i]:
+                    returns.append(float(final_info["episode"]["r"][i]))
+                    lengths.append(int(final_info["episode"]["l"][i]))
+                finished[i] += 1
+    finally:
+        envs.close()
+
+    mean = float(np.mean(returns))
+    return {
+        "env_id": env_id,
+        "episodes": episodes,
+        "returns": returns,
+        "lengths": lengths,
+        "mean": mean,
+        "std": float(np.std(returns)),
+        "median": float(np.median(returns)),
+        "hns": human_normalized_score(game, mean) if game in _table1() else None,  # None outside Table 1
+        "protocol": {
+            "sticky_actions": sticky_actions,
+            "full_action_space": False,
+            "frameskip": 4,
+            "max_episode_frames": max_episode_frames,
+            "episodes": episodes,
+            "greedy": greedy,
+            "eval_seed": seed,
+            "num_envs": num_envs,
+            "source_of_random_human_scores": "DRAMA paper Table 1",
+        },
+    }
+
+
+def save_results(results: dict, path: str | os.PathLike, exp_name: str | None = None, seed: int | None = None):
+    """Write one game's, one training seed's results as JSON; `aggregate` reads these files back.
+
+    exp_name and seed (the training seed), when given here or already in `results`, are stored with the
+    scores and the protocol so that results from different runs can be grouped later.
+    """
+    data = dict(results)
+    if exp_name is not None:
+        data["exp_name"] = exp_name
+    if seed is not None:
+        data["seed"] = seed
+    data.setdefault("game", _strip_env_id(str(data["env_id"])))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregate metrics with stratified-bootstrap confidence intervals (rliable, Agarwal et al. 2021)
+# --------------------------------------------------------------------------------------------------
+def trim_mean(x: np.ndarray, proportion: float = 0.25, axis: int = -1) -> np.ndarray:
+    """scipy.stats.trim_mean: sort, cut int(proportion * n) values from each end, average the rest."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[axis]
+    cut = int(proportion * n)
+    return np.mean(np.sort(x, axis=axis).take(np.arange(cut, n - cut), axis=axis), axis=axis)
+
+
+def _metrics(per_game: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Aggregate metrics of per-game HNS arrays shaped (..., runs_g); returns arrays shaped (...).
+
+    mean / median: of the per-game mean scores (rliable aggregate_mean / aggregate_median);
+    IQM: trim_mean(0.25) of all runs x games pooled (rliable aggregate_iqm);
+    optimality gap: mean over all runs x games of max(0, 1 - HNS) (rliable aggregate_optimality_gap).
+    """
+    game_means = np.stack([s.mean(axis=-1) for s in per_game], axis=-1)  # (..., games)
+    pooled = np.concatenate(per_game, axis=-1)  # (..., runs over all games)
+    return {
+        "mean": game_means.mean(axis=-1),
+        "median": np.median(game_means, axis=-1),
+        "iqm": trim_mean(pooled, 0.25, axis=-1),
+        "optimality_gap": 1.0 - np.minimum(pooled, 1.0).mean(axis=-1),
+    }
+
+
+def _check_scores(scores: dict[str, list[float]]) -> list[np.ndarray]:
+    if not scores or any(len(v) == 0 for v in scores.values()):
+        raise UserError("aggregate needs at least one game with at least one run")
+    return [np.asarray(v, dtype=np.float64) for v in scores.values()]
+
+
+def stratified_bootstrap(scores: dict[str, list[float]], reps: int = 2000, seed: int = 0) -> list[np.ndarray]:
+    """Resample each game's runs with replacement, independently per game (stratified by game).
+
+    Returns one array (reps, runs_g) per game, in the order of `scores`; a resample of a game only ever
+    holds that game's own runs, so every resample has the same number of runs of each game.
+    """
+    rng = np.random.default_rng(seed)
+    return [s[rng.integers(0, len(s), size=(reps, len(s)))] for s in _check_scores(scores)]
+
+
+def aggregate(scores: dict[str, list[float]], reps: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Mean, median, IQM and optimality gap of human-normalised scores with stratified-bootstrap CIs.
+
+    scores: {game: [HNS of each run (seed)]}. Returns {"games", "runs", metric: {"estimate", "low", "high"}}
+    for metric in ("mean", "median", "iqm", "optimality_gap"); the interval is the percentile
+    bootstrap interval over `reps` stratified resamples, reproducible for a fixed `seed`.
+    """
+    point = _metrics(_check_scores(scores))
+    boot = _metrics(stratified_bootstrap(scores, reps, seed))
+    alpha = 100 * (1 - confidence) / 2
+    out = {"games": len(scores), "runs": int(sum(len(v) for v in scores.values()))}
+    for name in METRICS:
+        low, high = np.percentile(boot[name], [alpha, 100 - alpha])
+        out[name] = {"estimate": float(point[name]), "low": float(low), "high": float(high)}
+    return out
+
+
+def performance_profile(
+    scores: dict[str, list[float]],
+    taus: np.ndarray,
+    reps: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fraction of runs (all games x seeds pooled) with HNS > tau, for each tau, with a stratified-bootstrap
+    percentile band: returns (fraction, low, high), each shaped like taus (rliable run score distribution)."""
+    taus = np.asarray(taus, dtype=np.float64)
+    pooled = np.concatenate(_check_scores(scores))
+    boot = np.concatenate(stratified_bootstrap(scores, reps, seed), axis=-1)  # (reps, runs)
+    fraction = (pooled[:, None] > taus).mean(axis=0)
+    boot_fraction = (boot[:, :, None] > taus).mean(axis=1)  # (reps, taus)
+    alpha = 100 * (1 - confidence) / 2
+    low, high = np.percentile(boot_fraction, [alpha, 100 - alpha], axis=0)
+    return fraction, low, high
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m utils.evaluate aggregate RESULTS... --out DIR
+# --------------------------------------------------------------------------------------------------
+def _result_files(patterns: list[str]) -> list[tuple[Path, bool]]:
+    """(path, named_explicitly) for every JSON file: directories are searched recursively."""
+    files = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            files += [(p, False) for p in sorted(Path(pattern).rglob("*.json"))]
+        elif os.path.isfile(pattern):
+            files.append((Path(pattern), True))
+        else:
+            files += [(Path(p), True) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+    return files
+
+
+def load_results(patterns: list[str]) -> list[dict]:
+    """Read result JSONs written by save_results. Files found by searching a directory that are not result
+    files (no "env_id"/"mean"/"protocol") are skipped; files named explicitly must be result files."""
+    results = []
+    for path, explicit in _result_files(patterns):
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(
+                f"{path} is not valid JSON ({e}): delete it or re-run the evaluation that wrote it"
+            ) from None
+        if not (isinstance(data, dict) and {"env_id", "mean", "protocol"} <= data.keys()):
+            if explicit:
+                raise UserError(
+                    f"{path} is not an evaluation result (needs env_id, mean, protocol): "
+                    "pass files written by utils.evaluate.save_results"
+                )
+            continue
+        try:
+            score = float(data["mean"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: 'mean' is {data['mean']!r}, not a number: re-run the evaluation") from None
+        game = game_name(str(data["env_id"]))
+        results.append({**data, "game": game, "hns": human_normalized_score(game, score), "path": str(path)})
+    if not results:
+        raise UserError(
+            f"no evaluation results found in {' '.join(patterns)}: pass directories or globs of JSON files "
+            "written by utils.evaluate.save_results"
+        )
+    return results
+
+
+def group_scores(results: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """{exp_name: {game: [HNS per run]}}; results without an exp_name are grouped as "unnamed"."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        groups.setdefault(str(r.get("exp_name", "unnamed")), {}).setdefault(r["game"], []).append(r["hns"])
+    return groups
+
+
+def _format(m: dict) -> str:
+    return f"{m['estimate']:7.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+
+def plot(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], path: Path, reps: int, seed: int):
+    """Performance profile (fraction of runs with HNS > tau) and interval estimates, one colour per exp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(groups)
+    colors = plt.get_cmap("tab10")
+    top = max(2.0, *(max(max(v) for v in g.values()) for g in groups.values()))
+    taus = np.linspace(0.0, top, 201)
+    fig = plt.figure(figsize=(16, 3.5 + 0.3 * len(names)))
+    grid = fig.add_gridspec(1, 6)
+    ax = fig.add_subplot(grid[0, :2])
+    for k, name in enumerate(names):
+        fraction, low, high = performance_profile(groups[name], taus, reps, seed)
+        ax.plot(taus, fraction, color=colors(k % 10), label=name)
+        ax.fill_between(taus, low, high, color=colors(k % 10), alpha=0.2)
+    ax.set_xlabel(r"human-normalised score $\tau$")
+    ax.set_ylabel(r"fraction of runs with score > $\tau$")
+    ax.set_title("Performance profile")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for j, metric in enumerate(METRICS):
+        ax = fig.add_subplot(grid[0, 2 + j])
+        for k, name in enumerate(names):
+            m = table[name][metric]
+            ax.barh(k, m["high"] - m["low"], left=m["low"], height=0.6, color=colors(k % 10), alpha=0.6)
+            ax.vlines(m["estimate"], k - 0.3, k + 0.3, color="black")
+        ax.set_yticks(range(len(names)), names if j == 0 else [""] * len(names))
+        ax.set_title(METRIC_TITLES[metric])
+        ax.set_xlabel("HNS")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Atari100k human-normalised scores, 95% stratified-bootstrap CIs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_aggregate(patterns: list[str], out: str, reps: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """Read results, print the table, write aggregate.csv, per_game.csv and aggregate.png into `out`."""
+    results = load_results(patterns)
+    groups = group_scores(results)
+    table = {name: aggregate(scores, reps, seed) for name, scores in groups.items()}
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    width = max(8, *(len(n) for n in table))
+    header = f"{'exp_name':<{width}} {'games':>5} {'runs':>5}" + "".join(
+        f"  {METRIC_TITLES[m] + ' [95% CI]':<25}" for m in METRICS
+    )
+    print(header)
+    for name, t in table.items():
+        print(f"{name:<{width}} {t['games']:>5} {t['runs']:>5}" + "".join(f"  {_format(t[m]):<25}" for m in METRICS))
+
+    with open(out_dir / "aggregate.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["exp_name", "games", "runs"] + [f"{m}{s}" for m in METRICS for s in ("", "_low", "_high")])
+        for name, t in table.items():
+            stats = [t[m][k] for m in METRICS for k in ("estimate", "low", "high")]
+            writer.writerow([name, t["games"], t["runs"]] + stats)
+    with open(out_dir / "per_game.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["exp_name", "game", "runs", "mean_score", "mean_hns"])
+        for name, scores in groups.items():
+            for game in sorted(scores):
+                raw = [float(r["mean"]) for r in results if r["game"] == game and r.get("exp_name", "unnamed") == name]
+                writer.writerow([name, game, len(raw), np.mean(raw), np.mean(scores[game])])
+    plot(groups, table, out_dir / "aggregate.png", reps, seed)
+    print(f"wrote {out_dir / 'aggregate.csv'}, {out_dir / 'per_game.csv'}, {out_dir / 'aggregate.png'}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.evaluate",
+        description="Aggregate Atari100k evaluation results over games and seeds (rliable protocol).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    agg = commands.add_parser(
+        "aggregate",
+        help="mean/median/IQM/optimality gap of human-normalised scores with 95%% bootstrap CIs",
+        description=(
+            "Read the JSON files written by utils.evaluate.save_results (one per game and training seed), "
+            "group them by (exp_name, game), convert each run's mean return to a human-normalised score "
+            "with the random/human scores of the DRAMA paper's Table 1, and report per exp_name the mean "
+            "and median of per-game means, the IQM (25%% trimmed mean of all runs x games) and the "
+            "optimality gap, with 95%% stratified-bootstrap percentile CIs (runs resampled within each "
+            "game; Agarwal et al. 2021). Prints a table and writes aggregate.csv, per_game.csv and "
+            "aggregate.png (performance profile + interval estimates) into --out."
+        ),
+    )
+    agg.add_argument(
+        "results",
+        nargs="+",
+        metavar="RESULTS_DIR_OR_GLOB",
+        help="directories (searched recursively for result *.json files), JSON files, or quoted globs",
+    )
+    agg.add_argument("--out", default="aggregate", help="output directory (default: %(default)s)")
+    agg.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    agg.add_argument("--seed", type=int, default=0, help="seed of the bootstrap RNG (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        if args.reps < 1:
+            raise UserError(f"--reps must be >= 1, got {args.reps}")
+        run_aggregate(args.results, args.out, args.reps, args.seed)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
