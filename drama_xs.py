@@ -834,11 +834,20 @@ class ReplayBuffer:
         k = n_img / ratio
         return softmax((n_wm - alpha * k - beta * np.maximum(0, n_wm - k)) / tau_img)
 
-    def sample_starts(self, probs: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-        return rng.choice(len(probs), size=batch_size, p=probs)
+    def sample_world_model_starts(self, args: Args, rng: np.random.Generator) -> np.ndarray:
+        """DFS: draw `batch_size` sequence starts from p_i = softmax(-n_wm[i] / tau), then count them."""
+        probs = self.world_model_probs(args.sequence_length, args.tau)
+        starts = rng.choice(len(probs), size=args.batch_size, p=probs)
+        np.add.at(self.n_wm, self._physical(starts), 1)
+        return starts
 
-    def count_starts(self, starts: np.ndarray, counter: np.ndarray) -> None:
-        np.add.at(counter, self._physical(starts), 1)
+    def sample_imagination_starts(self, args: Args, rng: np.random.Generator) -> np.ndarray:
+        """DFS: draw `imagine_batch_size` context starts from the imagination probabilities, then count them."""
+        ratio = args.imagine_batch_size / args.batch_size  # k_i puts n_img on n_wm's scale (= 64 by default)
+        probs = self.imagination_probs(args.imagine_context_length, args.tau_img, args.alpha, args.beta, ratio)
+        starts = rng.choice(len(probs), size=args.imagine_batch_size, p=probs)
+        np.add.at(self.n_img, self._physical(starts), 1)
+        return starts
 
     def sequences(self, starts: np.ndarray, length: int, device) -> dict[str, torch.Tensor]:
         """Steps [start, start + length) of each start -> tensors (B, length, ...)."""
@@ -891,9 +900,7 @@ def imagine(world_model: WorldModel, actor_critic: ActorCritic, obs, actions, ho
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def train_world_model(agent, optimizer, scheduler, buffer, args, rng, device, autocast):
-    probs = buffer.world_model_probs(args.sequence_length, args.tau)
-    starts = buffer.sample_starts(probs, args.batch_size, rng)
-    buffer.count_starts(starts, buffer.n_wm)
+    starts = buffer.sample_world_model_starts(args, rng)
     batch = buffer.sequences(starts, args.sequence_length, device)
     agent.world_model.train()
     with autocast:
@@ -907,10 +914,7 @@ def train_world_model(agent, optimizer, scheduler, buffer, args, rng, device, au
 
 
 def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, autocast):
-    ratio = args.imagine_batch_size / args.batch_size  # k_i puts n_img on n_wm's scale (= 64 by default)
-    probs = buffer.imagination_probs(args.imagine_context_length, args.tau_img, args.alpha, args.beta, ratio)
-    starts = buffer.sample_starts(probs, args.imagine_batch_size, rng)
-    buffer.count_starts(starts, buffer.n_img)
+    starts = buffer.sample_imagination_starts(args, rng)
     batch = buffer.sequences(starts, args.imagine_context_length, device)
     agent.world_model.eval()
     with autocast:
@@ -1002,7 +1006,7 @@ def main(args: Args) -> None:
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
-    action_dim = env.action_space.n
+    action_dim = int(env.action_space.n)
     agent = Agent(args, action_dim).to(device)
     counts = agent.world_model.parameter_counts()
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
