@@ -1,7 +1,8 @@
-# DRAMA (Wang et al., 2025): Mamba-2 world model + dynamic frequency-based sampling (DFS), Atari100k.
+# DRAMA (Wang et al., 2025), CleanRL style: a Mamba-2 world model trained with dynamic frequency-based
+# sampling (DFS) and a DreamerV3-style actor-critic trained in imagination, on Atari100k.
 # Paper: "Drama: Mamba-Enabled Model-Based Reinforcement Learning Is Sample and Parameter Efficient".
-# This file is the XS agent (7M-parameter world model). Variants: drama_s.py, drama_mamba1.py,
-# drama_uniform_sampling.py; `diff drama_xs.py drama_mamba1.py` shows the ablation and nothing else.
+# One complete file per agent: drama_xs.py (the default), drama_s.py, drama_mamba1.py and
+# drama_uniform_sampling.py. `diff drama_xs.py drama_mamba1.py` shows an ablation and nothing else.
 import json
 import math
 import os
@@ -29,6 +30,8 @@ except ImportError:
 
 @dataclass
 class Args:
+    """XS agent: the paper's default 7M-parameter world model (Tables 2-3) with Mamba-2 and DFS."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (the script's name: run names and Hub repo ids tell variants apart)"""
     seed: int = 1
