@@ -56,6 +56,12 @@ class Args:
     """whether to upload the saved agent to the Hugging Face Hub (needs `--save-model`)"""
     hf_entity: str = ""
     """the user or org name of the Hugging Face Hub model repository (default: your username)"""
+    resume: str = ""
+    """continue the run saved in this folder (`runs/<run_name>`); its settings are reused, except
+    `--total-timesteps`"""
+    checkpoint_every: int = 10_000
+    """write the full training state (for `--resume`) every this many env steps and at the end (0: never);
+    with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
 
     # Environment (Atari100k protocol)
     env_id: str = "ALE/Krull-v5"
@@ -185,8 +191,8 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.random_steps < 0 or args.eval_episodes < 0 or args.train_ratio < 0:
-        raise UserError("--random-steps, --eval-episodes and --train-ratio must be >= 0")
+    if min(args.random_steps, args.eval_episodes, args.train_ratio, args.checkpoint_every) < 0:
+        raise UserError("--random-steps, --eval-episodes, --train-ratio and --checkpoint-every must be >= 0")
     if args.sequence_length > args.buffer_size:
         raise UserError(f"--sequence-length {args.sequence_length} is longer than --buffer-size {args.buffer_size}")
     if args.imagine_context_length > args.sequence_length:
@@ -773,7 +779,7 @@ class Agent(nn.Module):
                 self.windows[i].clear()
         was_training = self.training
         self.eval()
-        posterior = self.world_model.posterior(torch.as_tensor(obs, device=device))  # (N, 32, 32)
+        posterior = self.world_model.posterior(torch.tensor(obs, device=device))  # (N, 32, 32)
         z_new = sample_latent(posterior)  # (N, 1024)
         actions = torch.randint(self.action_dim, (len(obs),), device=device)
         lengths = np.array([len(window) for window in self.windows])
@@ -946,25 +952,126 @@ def make_optimizer(parameters, lr: float, warmup: int):
     return optimizer, scheduler
 
 
-def save_agent(agent: Agent, args: Args, run_dir: str) -> str:
-    """Atomically write `agent.safetensors` and `args.json` (write to a temp file, then rename)."""
+VARIANT = os.path.basename(__file__)[: -len(".py")]
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file to `path.tmp`, then rename: a crash mid-write leaves the old file intact."""
     from safetensors.torch import save_file
 
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=metadata)
+    os.replace(path + ".tmp", path)
+
+
+def save_agent(agent: Agent, args: Args, run_dir: str) -> str:
+    """Write `agent.safetensors` (weights and normaliser statistics) and `args.json`, each atomically."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "agent.safetensors")
-    state = {k: v.detach().cpu().contiguous() for k, v in agent.state_dict().items()}
-    metadata = {
-        "variant": os.path.basename(__file__)[: -len(".py")],
-        "action_dim": str(agent.action_dim),
-        "env_id": args.env_id,
-    }
-    save_file(state, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
-    config = {**asdict(args), "variant": metadata["variant"], "action_dim": agent.action_dim}
+    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "env_id": args.env_id}
+    atomic_save(agent.state_dict(), path, metadata)
     with open(os.path.join(run_dir, "args.json.tmp"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump({**asdict(args), "variant": VARIANT, "action_dim": agent.action_dim}, f, indent=2)
     os.replace(os.path.join(run_dir, "args.json.tmp"), os.path.join(run_dir, "args.json"))
     return path
+
+
+def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {f"{prefix}.{i}.{k}": v for i, p in enumerate(params) for k, v in optimizer.state.get(p, {}).items()}
+
+
+def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, index, name = key.rsplit(".", 2)
+            optimizer.state[params[int(index)]][name] = value.to(params[int(index)].device)
+
+
+def save_training_state(run_dir: str, training: dict) -> None:
+    """Everything a run needs to continue exactly: models, optimisers, replay + DFS counters, RNGs, counters."""
+    agent, buffer = training["agent"], training["buffer"]
+    tensors = {f"agent.{k}": v for k, v in agent.state_dict().items()}
+    tensors |= optimizer_tensors("wm_optimizer", training["wm_optimizer"])
+    tensors |= optimizer_tensors("ac_optimizer", training["ac_optimizer"])
+    tensors |= {
+        f"buffer.{k}": torch.from_numpy(v[: buffer.size]) for k, v in vars(buffer).items() if isinstance(v, np.ndarray)
+    }
+    tensors["action_history"] = torch.tensor(training["action_history"], dtype=torch.int64)
+    tensors["torch_rng"] = torch.get_rng_state()
+    for i, window in enumerate(agent.windows):
+        if window:
+            tensors[f"window.{i}.z"] = torch.stack([z for z, _ in window])
+            tensors[f"window.{i}.actions"] = torch.stack([a for _, a in window])
+    progress = {k: training[k] for k in ("global_step", "updates", "update_budget", "episode_start", "run_name")}
+    progress |= {
+        "recent_returns": [float(r) for r in training["recent_returns"]],
+        "buffer": {"next": buffer.next, "size": buffer.size},
+        "wm_scheduler": training["wm_scheduler"].state_dict(),
+        "ac_scheduler": training["ac_scheduler"].state_dict(),
+        "rng": training["rng"].bit_generator.state,
+        "args": asdict(training["args"]),
+    }
+    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "progress": json.dumps(progress)}
+    atomic_save(tensors, os.path.join(run_dir, "checkpoint.safetensors"), metadata)
+
+
+def read_training_state(run_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and check `run_dir/checkpoint.safetensors`: (tensors, progress). One-line errors name the fix."""
+    from safetensors import safe_open
+
+    path = os.path.join(run_dir, "checkpoint.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(
+            f"no checkpoint at {path}: pass --resume runs/<run_name> of a run saved with --checkpoint-every"
+        )
+    try:
+        with safe_open(path, "pt") as f:
+            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:
+        raise UserError(f"{path} is corrupted or truncated ({error}): resume from another run or start anew") from None
+    if metadata.get("variant") != VARIANT:
+        raise UserError(f"{path} was written by {metadata.get('variant')}.py, not {VARIANT}.py: resume it with that")
+    progress = json.loads(metadata["progress"])
+    progress["action_dim"] = int(metadata["action_dim"])
+    return tensors, progress
+
+
+def restore_training_state(training: dict, tensors: dict[str, torch.Tensor], progress: dict) -> None:
+    agent, buffer = training["agent"], training["buffer"]
+    agent.load_state_dict({k[len("agent.") :]: v for k, v in tensors.items() if k.startswith("agent.")})
+    load_optimizer_tensors("wm_optimizer", training["wm_optimizer"], tensors)
+    load_optimizer_tensors("ac_optimizer", training["ac_optimizer"], tensors)
+    for name, array in vars(buffer).items():
+        if isinstance(array, np.ndarray):
+            array[: progress["buffer"]["size"]] = tensors[f"buffer.{name}"].numpy()
+    buffer.next, buffer.size = progress["buffer"]["next"], progress["buffer"]["size"]
+    for name in ("wm", "ac"):
+        scheduler = training[f"{name}_scheduler"]
+        scheduler.load_state_dict(progress[f"{name}_scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the learning rate the saved run's next update would have used
+    training["rng"].bit_generator.state = progress["rng"]
+    torch.set_rng_state(tensors["torch_rng"])
+    device = next(agent.parameters()).device
+    for i, window in enumerate(agent.windows):
+        if f"window.{i}.z" in tensors:
+            z, actions = tensors[f"window.{i}.z"].to(device), tensors[f"window.{i}.actions"].to(device)
+            window.extend(zip(z, actions, strict=True))
+    training["action_history"] = tensors["action_history"].tolist()
+    training["recent_returns"].extend(progress["recent_returns"])
+    for key in ("global_step", "updates", "update_budget", "episode_start"):
+        training[key] = progress[key]
+
+
+def replay_env(env, seed: int, actions: list[int]):
+    """Bring a fresh env to where the saved run left it: ALE is deterministic given the seed and the actions."""
+    obs, _ = env.reset(seed=seed)
+    for action in actions:
+        obs, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    return obs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -974,9 +1081,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def main(args: Args) -> None:
+    saved = None
+    if args.resume:  # every setting comes from the saved run, except how long to train
+        saved = read_training_state(args.resume)
+        args = Args(**{**saved[1]["args"], "total_timesteps": args.total_timesteps, "resume": args.resume})
+        args.encoder_filters = tuple(args.encoder_filters)
     check_args(args)
     check_env_id(args.env_id)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     device = resolve_device(args.device)
     if args.torch_threads:
@@ -985,7 +1097,6 @@ def main(args: Args) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     if args.track:
@@ -1001,31 +1112,45 @@ def main(args: Args) -> None:
             name=run_name,
             monitor_gym=True,
             save_code=True,
+            resume="allow" if saved else None,
         )
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(run_dir)
+    writer = SummaryWriter(run_dir, purge_step=saved[1]["global_step"] if saved else None)
     table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
     action_dim = int(env.action_space.n)
+    if saved and saved[1]["action_dim"] != action_dim:
+        raise UserError(f"{args.resume} has {saved[1]['action_dim']} actions but {args.env_id} has {action_dim}")
     agent = Agent(args, action_dim).to(device)
     counts = agent.world_model.parameter_counts()
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
     ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)
-    buffer = ReplayBuffer(args.buffer_size)
-
-    obs, _ = env.reset(seed=args.seed)
-    episode_start, recent_returns, updates, update_budget = True, deque(maxlen=5), 0, 0.0
+    training = dict(
+        args=args, agent=agent, buffer=ReplayBuffer(args.buffer_size), rng=np.random.default_rng(args.seed),
+        wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler,
+        global_step=0, updates=0, update_budget=0.0, episode_start=True, recent_returns=deque(maxlen=5),
+        action_history=[], run_name=run_name,
+    )  # fmt: skip
+    if saved:
+        restore_training_state(training, *saved)
+        print(f"resuming {run_name} at step {training['global_step']}: replaying the env", flush=True)
+        obs = replay_env(env, args.seed, training["action_history"])
+    else:
+        obs, _ = env.reset(seed=args.seed)
+    buffer, rng, recent_returns = training["buffer"], training["rng"], training["recent_returns"]
+    episode_start, first_step = training["episode_start"], training["global_step"]
     start_time = last_print = time.time()
-    for global_step in range(args.total_timesteps):
+    for global_step in range(first_step, args.total_timesteps):
         # ALGO LOGIC: act (random before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
-            action = env.action_space.sample()
+            action = int(rng.integers(action_dim))
         else:
             action = int(agent.act(obs[None], np.array([episode_start]))[0])
+        training["action_history"].append(action)
         next_obs, reward, terminated, truncated, info = env.step(action)
         # a lost life is a termination for the world model, but the game goes on
         buffer.add(obs, action, reward, terminated or info["life_loss"], episode_start)
@@ -1039,18 +1164,21 @@ def main(args: Args) -> None:
 
         # ALGO LOGIC: one world-model and one actor-critic update per env step (train_ratio)
         if global_step >= args.random_steps:
-            update_budget += args.train_ratio
-            while update_budget >= 1:
-                update_budget -= 1
-                updates += 1
+            training["update_budget"] += args.train_ratio
+            while training["update_budget"] >= 1:
+                training["update_budget"] -= 1
+                training["updates"] += 1
                 metrics = train_world_model(agent, wm_optimizer, wm_scheduler, buffer, args, rng, device, autocast)
                 metrics |= train_actor_critic(agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast)
-                if updates % args.log_every == 0:
+                if training["updates"] % args.log_every == 0:
                     for key, value in metrics.items():
                         writer.add_scalar(f"losses/{key}", float(value), global_step)
                     writer.add_scalar("charts/learning_rate", wm_optimizer.param_groups[0]["lr"], global_step)
 
-        sps = (global_step + 1) / (time.time() - start_time)
+        training["global_step"], training["episode_start"] = global_step + 1, episode_start
+        if args.checkpoint_every and training["global_step"] % args.checkpoint_every == 0:
+            save_training_state(run_dir, training)
+        sps = (global_step + 1 - first_step) / (time.time() - start_time)
         if global_step % 100 == 0:
             writer.add_scalar("charts/SPS", sps, global_step)
         if time.time() - last_print > 10 or global_step + 1 == args.total_timesteps:
@@ -1058,12 +1186,14 @@ def main(args: Args) -> None:
             eta = (args.total_timesteps - global_step - 1) / sps
             mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
             print(
-                f"step {global_step + 1}/{args.total_timesteps} updates {updates} SPS {sps:.1f} "
+                f"step {global_step + 1}/{args.total_timesteps} updates {training['updates']} SPS {sps:.1f} "
                 f"ETA {eta / 3600:.1f} h return(mean of 5) {mean_return}",
                 flush=True,
             )
     env.close()
 
+    if args.checkpoint_every:
+        save_training_state(run_dir, training)
     if args.save_model:
         print(f"agent saved to {save_agent(agent, args, run_dir)}")
     if args.eval_episodes:

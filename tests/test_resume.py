@@ -1,0 +1,107 @@
+"""Resuming a run reaches exactly the state of an uninterrupted run; checkpoints are written atomically."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import drama_xs
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (
+    "--env-id ALE/Pong-v5 --random-steps 40 --batch-size 2 --sequence-length 16 --imagine-batch-size 8 "
+    "--imagine-context-length 4 --imagine-horizon 4 --eval-episodes 0 --d-model 64 --headdim 32 "
+    "--encoder-filters 4 8 8 8 8 --stoch-categoricals 8 --stoch-classes 8 --act-context-length 4 "
+    "--torch-threads 1 --checkpoint-every 0"
+).split()
+
+
+def train(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "drama_xs.py"), *flags], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def run_dir(cwd: Path, exp_name: str) -> Path:
+    (path,) = (cwd / "runs" / "ALE").glob(f"*__{exp_name}__*")
+    return path
+
+
+def test_resume_reaches_the_uninterrupted_state(tmp_path):
+    train(tmp_path, *TINY, "--total-timesteps", "80", "--exp-name", "straight")
+    train(tmp_path, *TINY, "--total-timesteps", "50", "--exp-name", "stopped", "--checkpoint-every", "50")
+    stopped = run_dir(tmp_path, "stopped")
+    halfway = load_file(stopped / "agent.safetensors")
+    resumed = train(tmp_path, "--resume", str(stopped.relative_to(tmp_path)), "--total-timesteps", "80")
+    assert "resuming" in resumed.stdout
+    straight = load_file(run_dir(tmp_path, "straight") / "agent.safetensors")
+    final = load_file(stopped / "agent.safetensors")
+    assert straight.keys() == final.keys()
+    assert all(torch.equal(straight[k], final[k]) for k in straight)
+    assert not all(torch.equal(halfway[k], final[k]) for k in halfway)  # it did train after resuming
+
+
+def make_training(tmp_path):
+    args = drama_xs.Args(d_model=32, headdim=16, encoder_filters=(4, 4, 4, 4, 4), stoch_categoricals=4,
+                         stoch_classes=4, buffer_size=64)  # fmt: skip
+    agent = drama_xs.Agent(args, 3)
+    wm_optimizer, wm_scheduler = drama_xs.make_optimizer(agent.world_model.parameters(), 1e-3, 10)
+    ac_optimizer, ac_scheduler = drama_xs.make_optimizer(agent.actor_critic.parameters(), 1e-3, 10)
+    buffer = drama_xs.ReplayBuffer(64)
+    for i in range(10):
+        buffer.add(np.full((64, 64, 3), i, np.uint8), i % 3, 0.0, 0.0, i == 0)
+    return dict(
+        args=args, agent=agent, buffer=buffer, rng=np.random.default_rng(0), wm_optimizer=wm_optimizer,
+        wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler, global_step=10,
+        updates=0, update_budget=0.0, episode_start=False, recent_returns=[], action_history=[0] * 10,
+        run_name="test",
+    )  # fmt: skip
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    training = make_training(tmp_path)
+    drama_xs.save_training_state(str(tmp_path), training)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    training["global_step"] = 20
+    with pytest.raises(KeyboardInterrupt):
+        drama_xs.save_training_state(str(tmp_path), training)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+    _, progress = drama_xs.read_training_state(str(tmp_path))
+    assert progress["global_step"] == 10
+
+
+def test_bad_resume_paths_give_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        drama_xs.read_training_state(str(tmp_path))
+    training = make_training(tmp_path)
+    drama_xs.save_training_state(str(tmp_path), training)
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match="corrupted or truncated") as error:
+        drama_xs.read_training_state(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_resume_with_another_variant_is_refused(tmp_path):
+    training = make_training(tmp_path)
+    drama_xs.save_training_state(str(tmp_path), training)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "drama_s.py"), "--resume", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/checkpoint.safetensors was written by drama_xs.py, not drama_s.py: resume it with that"
+    ]
