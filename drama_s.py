@@ -193,6 +193,8 @@ def check_args(args: Args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if min(args.random_steps, args.eval_episodes, args.train_ratio, args.checkpoint_every) < 0:
         raise UserError("--random-steps, --eval-episodes, --train-ratio and --checkpoint-every must be >= 0")
+    if args.upload_model and not args.save_model:
+        raise UserError("--upload-model needs the saved agent: drop --no-save-model")
     if args.sequence_length > args.buffer_size:
         raise UserError(f"--sequence-length {args.sequence_length} is longer than --buffer-size {args.buffer_size}")
     if args.imagine_context_length > args.sequence_length:
@@ -1172,7 +1174,7 @@ def main(args: Args) -> None:
                 metrics |= train_actor_critic(agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast)
                 if training["updates"] % args.log_every == 0:
                     for key, value in metrics.items():
-                        writer.add_scalar(f"losses/{key}", float(value), global_step)
+                        writer.add_scalar(f"losses/{key}", float(value.detach()), global_step)
                     writer.add_scalar("charts/learning_rate", wm_optimizer.param_groups[0]["lr"], global_step)
 
         training["global_step"], training["episode_start"] = global_step + 1, episode_start
@@ -1215,11 +1217,11 @@ def main(args: Args) -> None:
             f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, "
             f"human-normalised {results['hns']:.3f}"
         )
+    writer.close()  # flush every event before the upload
     if args.upload_model:
         from utils.hub import push_to_hub
 
-        push_to_hub(args, run_dir)
-    writer.close()
+        print(f"uploaded to {push_to_hub(args, run_dir)}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ Usage:
     agent = load_agent("runs/ALE/Pong-v5__drama_xs__1__1712345678")       # or "user/Pong-drama_xs-seed1"
     results = evaluate(agent, agent.args.env_id, episodes=10)             # utils.evaluate
     push_to_hub(args, run_dir)                                             # needs `hf auth login`
+
+    python -m utils.hub push runs/ALE/Pong-v5__drama_xs__1__1712345678    # upload a saved run later
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -24,6 +27,7 @@ import typing
 import warnings
 from pathlib import Path
 
+import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, metadata_eval_result
 
 from utils import UserError
@@ -62,21 +66,22 @@ def default_repo_id(args, api: HfApi | None = None) -> str:
 
 def _hub_error(error: Exception, doing: str, repo_id: str | None = None) -> UserError:
     """One line naming the fix for an exception raised by huggingface_hub."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.utils import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     status = getattr(getattr(error, "response", None), "status_code", None)
     repo = f" {repo_id}" if repo_id else ""
     if isinstance(error, OfflineModeIsEnabled):
         return UserError(f"HF_HUB_OFFLINE is set, so {doing}{repo} cannot work: unset HF_HUB_OFFLINE (or set it to 0)")
     if isinstance(error, LocalTokenNotFoundError) or status in (401, 403):
-        return UserError(f"not logged in to the Hugging Face Hub, or your token cannot write to{repo}: {LOGIN_HINT}")
+        rights = f"your token cannot write to{repo}" if repo_id else "your token lacks the rights"
+        return UserError(f"not logged in to the Hugging Face Hub, or {rights}: {LOGIN_HINT}")
     if isinstance(error, HfHubHTTPError):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return UserError(
             f"the Hugging Face Hub refused {doing}{repo} ({first_line}): check the repo id and your rights"
         )
     return UserError(
-        f"could not reach the Hugging Face Hub while {doing} ({type(error).__name__}): check the network "
+        f"could not reach the Hugging Face Hub while {doing}{repo} ({type(error).__name__}): check the network "
         "(or the HF_ENDPOINT / proxy settings)"
     )
 
@@ -149,8 +154,6 @@ def model_card(args, config: dict, repo_id: str, results: dict | None, files: li
             dataset_pretty_name=env_id,
             dataset_id=env_id,
         )
-    import yaml
-
     header = yaml.safe_dump(metadata, sort_keys=False)
     table = "\n".join(f"| {key} | {value} |" for key, value in config.items())
     if results is not None:
@@ -243,7 +246,11 @@ def push_to_hub(args, run_dir: str, repo_id: str | None = None, video_folder: st
         files["replay.mp4"] = video
 
     api = HfApi()
-    repo_id = repo_id or default_repo_id(args, api)
+    retry = f"; then retry with: python -m utils.hub push {run_dir}"
+    try:
+        repo_id = repo_id or default_repo_id(args, api)
+    except UserError as error:
+        raise UserError(f"{error}{retry}") from None
     files["README.md"] = str(model_card(args, config, repo_id, results, [*files, "README.md"])).encode()
     try:
         url = api.create_repo(repo_id, exist_ok=True)
@@ -256,7 +263,7 @@ def push_to_hub(args, run_dir: str, repo_id: str | None = None, video_folder: st
         operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=src) for name, src in files.items()]
         api.create_commit(repo_id, operations, commit_message=f"{variant} on {config['env_id']}, seed {args.seed}")
     except Exception as error:
-        raise _hub_error(error, "uploading to", repo_id) from None
+        raise UserError(f"{_hub_error(error, 'uploading to', repo_id)}{retry}") from None
     url = str(url) if url else f"https://huggingface.co/{repo_id}"
     print(f"uploaded {run_dir} to {url}")
     return url
@@ -272,10 +279,12 @@ def _looks_like_repo_id(name: str) -> bool:
 def _download(repo_id: str) -> Path:
     """snapshot_download the checkpoint files (honours HF_HUB_OFFLINE and the local cache)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.py", "README.md"]))
+        # only what loading needs: never a run's training checkpoint (checkpoint.safetensors, ~1.3 GB) or videos
+        patterns = ["agent.safetensors", "args.json", "eval_results.json", "*.py", "README.md"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise UserError(
             f"{repo_id} is neither a local folder nor a Hub repo you can read: check the path or repo id "
@@ -313,6 +322,8 @@ def _resolve(repo_id_or_path: str) -> tuple[Path, bool]:
 
 def _import_variant(variant: str, folder: Path, from_hub: bool, trust_remote_code: bool):
     """The variant's script as a module: the project's `{variant}.py`, else the copy shipped with the agent."""
+    if not re.fullmatch(r"[A-Za-z_]\w*", variant):
+        raise UserError(f"{folder} names no valid variant script ({variant!r}): re-save the agent")
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     if (REPO_ROOT / f"{variant}.py").is_file():
@@ -392,11 +403,11 @@ def load_agent(
     Every mismatch raises a one-line UserError naming what differs. The returned agent has `reset(num_envs)`,
     `act(obs, episode_start, greedy)` and `args` (its Args).
     """
+    folder, from_hub = _resolve(repo_id_or_path)  # first: a wrong path fails fast, before torch is imported
+    torch_device = _resolve_device(device)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    torch_device = _resolve_device(device)
-    folder, from_hub = _resolve(repo_id_or_path)
     weights = folder / "agent.safetensors"
     corrupted = f"{weights} is corrupted or truncated: re-download or re-save it"
     try:
@@ -411,9 +422,7 @@ def load_agent(
         raise UserError(corrupted) from None
 
     # checks that need no model: variant, action count
-    saved_variant = config.get("variant") or metadata.get("variant")
-    if not saved_variant or not re.fullmatch(r"[A-Za-z_]\w*", saved_variant):
-        raise UserError(f"{folder / 'args.json'} names no valid variant ({saved_variant!r}): re-save the agent")
+    saved_variant = str(config.get("variant") or metadata.get("variant"))
     if metadata.get("variant", saved_variant) != saved_variant:
         raise UserError(
             f"{weights} is from {metadata['variant']} but args.json says {saved_variant}: "
@@ -467,3 +476,38 @@ def load_agent(
         raise UserError(corrupted) from None
     agent.load_state_dict(state)
     return agent.to(torch_device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m utils.hub push RUN_DIR (upload a run saved earlier, e.g. after a failed --upload-model)
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.hub", description="Upload a saved DRAMA run to the Hub.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    push = commands.add_parser(
+        "push",
+        help="upload runs/{run_name} (agent, args, script, results, events, video, model card) in one commit",
+    )
+    push.add_argument("run_dir", help="the run folder with agent.safetensors + args.json (runs/{run_name})")
+    push.add_argument("--repo-id", default=None, help="target repo (default: {entity}/{game}-{exp_name}-seed{seed})")
+    push.add_argument("--hf-entity", default=None, help="user or org of the default repo id (default: args.json's)")
+    push.add_argument("--video-folder", default=None, help="folder of the mp4 to upload (default: videos/{run_name})")
+    args = parser.parse_args(argv)
+    try:
+        run = Path(args.run_dir)
+        if not (run / "args.json").is_file():
+            raise UserError(f"{args.run_dir} has no args.json: pass a run folder written by save_agent")
+        config = json.loads((run / "args.json").read_text())
+        module = _import_variant(str(config.get("variant")), run, False, False)
+        run_args = _build_args(module, config)
+        if args.hf_entity is not None:
+            run_args.hf_entity = args.hf_entity
+        push_to_hub(run_args, args.run_dir, repo_id=args.repo_id, video_folder=args.video_folder)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1228 @@
+# DRAMA (Wang et al., 2025), CleanRL style: a Mamba-2 world model trained with dynamic frequency-based
+# sampling (DFS) and a DreamerV3-style actor-critic trained in imagination, on Atari100k.
+# Paper: "Drama: Mamba-Enabled Model-Based Reinforcement Learning Is Sample and Parameter Efficient".
+# One complete file per agent: drama_xs.py (the default), drama_s.py, drama_mamba1.py and
+# drama_uniform_sampling.py. `diff drama_xs.py drama_mamba1.py` shows an ablation and nothing else.
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+from utils import UserError
+from utils.atari import check_env_id, make_env
+
+try:  # fused CUDA kernel for the selective scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+except ImportError:
+    selective_scan_fn = None
+
+
+@dataclass
+class Args:
+    """XS agent with a Mamba-1 dynamics model instead of Mamba-2 (paper 3.2.2, Figure 3)."""
+
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (the script's name: run names and Hub repo ids tell variants apart)"""
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch and the environment)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to train: `auto` takes CUDA when available, else the CPU"""
+    torch_threads: int = 0
+    """CPU threads for torch (0: torch's default, one per physical core)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "drama"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent's training episodes (check out `videos` folder)"""
+    save_model: bool = True
+    """whether to save the agent (safetensors + args JSON) to `runs/{run_name}`"""
+    upload_model: bool = False
+    """whether to upload the saved agent to the Hugging Face Hub (needs `--save-model`)"""
+    hf_entity: str = ""
+    """the user or org name of the Hugging Face Hub model repository (default: your username)"""
+    resume: str = ""
+    """continue the run saved in this folder (`runs/<run_name>`); its settings are reused, except
+    `--total-timesteps`"""
+    checkpoint_every: int = 10_000
+    """write the full training state (for `--resume`) every this many env steps and at the end (0: never);
+    with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
+
+    # Environment (Atari100k protocol)
+    env_id: str = "ALE/Krull-v5"
+    """the id of the ALE environment (`ALE/<Game>-v5`)"""
+    total_timesteps: int = 100_000
+    """agent steps in the environment (frameskip 4: 100k steps = 400k frames, the Atari100k budget)"""
+    sticky_actions: bool = False
+    """repeat the previous action with probability 0.25 (off in the Atari100k protocol)"""
+    random_steps: int = 1032
+    """uniformly random actions before training starts"""
+    train_ratio: float = 1.0
+    """world-model and actor-critic updates per environment step after `random_steps`"""
+    buffer_size: int = 100_000
+    """replay capacity in steps (uint8 frames: 100k steps take 1.2 GB)"""
+    eval_episodes: int = 100
+    """episodes of the final evaluation (the paper's protocol: 100; 0 skips it)"""
+    eval_greedy: bool = False
+    """evaluate with the actor's most likely action instead of a sampled one"""
+    act_on_posterior: bool = False
+    """act on the posterior of the newest frame (as DreamerV3) instead of the prior predicted before it
+    (the published code, the default)"""
+    act_context_length: int = 16
+    """real (z, a) pairs the dynamics runs over to choose an action (published code: 16)"""
+
+    # World model (paper Tables 2-3; XS)
+    encoder_filters: tuple[int, ...] = (16, 32, 48, 64, 64)
+    """filters of the 5 encoder conv layers (kernel 5); the decoder mirrors them"""
+    stoch_categoricals: int = 32
+    """categorical variables in the latent z"""
+    stoch_classes: int = 32
+    """classes per categorical variable"""
+    d_model: int = 512
+    """width of the dynamics model (the deterministic state h)"""
+    n_layers: int = 2
+    """Mamba blocks in the dynamics model"""
+    d_state: int = 16
+    """SSM state size N of each Mamba head"""
+    d_conv: int = 4
+    """kernel size of Mamba's causal depthwise convolution"""
+    expand: int = 2
+    """Mamba's inner width is expand * d_model"""
+    head_hidden: int = 256
+    """hidden units of the reward and termination heads"""
+    free_bits: float = 1.0
+    """KL free bits: the dynamics and representation losses are max(free_bits, KL)"""
+    dyn_loss_scale: float = 1.0
+    """weight of the dynamics loss KL(sg(posterior) || prior)"""
+    rep_loss_scale: float = 0.1
+    """weight of the representation loss KL(posterior || sg(prior))"""
+    batch_size: int = 16
+    """world-model batch: sequences per update"""
+    sequence_length: int = 128
+    """world-model batch: steps per sequence"""
+    wm_lr: float = 4e-5
+    """world-model LaProp learning rate"""
+    wm_grad_clip: float = 1000.0
+    """world-model gradient-norm clip"""
+
+    # DFS (paper section 2.4)
+    tau: float = 10.0
+    """DFS temperature of the world-model sampler: p_i = softmax(-n_wm[i] / tau)"""
+    tau_img: float = 10.0
+    """DFS temperature of the imagination sampler"""
+    alpha: float = 1.0
+    """DFS imagination weight of the normalised imagination count k_i"""
+    beta: float = 1.0
+    """DFS imagination weight of max(0, n_wm[i] - k_i)"""
+
+    # Imagination and actor-critic (paper A.2.4, DreamerV3)
+    imagine_batch_size: int = 1024
+    """starts of imagined trajectories per actor-critic update"""
+    imagine_context_length: int = 8
+    """real steps the dynamics runs over before imagining"""
+    imagine_horizon: int = 16
+    """imagined steps per trajectory"""
+    actor_hidden: int = 256
+    """hidden units of the actor's 2 layers"""
+    critic_hidden: int = 512
+    """hidden units of the critic's 2 layers"""
+    gamma: float = 0.985
+    """discount factor"""
+    lam: float = 0.95
+    """lambda of the lambda-returns"""
+    entropy_coef: float = 3e-4
+    """actor entropy bonus"""
+    ac_lr: float = 4e-5
+    """actor-critic LaProp learning rate"""
+    ac_grad_clip: float = 100.0
+    """actor-critic gradient-norm clip"""
+    slow_critic_decay: float = 0.98
+    """EMA decay of the slow critic used as a regulariser"""
+    return_norm_decay: float = 0.99
+    """EMA decay of the 5th/95th percentiles of the lambda-returns"""
+    warmup_updates: int = 1000
+    """linear learning-rate warm-up of both optimisers"""
+    log_every: int = 100
+    """log losses to TensorBoard every this many updates"""
+
+
+def check_args(args: Args) -> None:
+    """Fail early, with one line naming the fix, on values the model or the buffer cannot work with."""
+    positive = [
+        "total_timesteps",
+        "buffer_size",
+        "batch_size",
+        "sequence_length",
+        "imagine_batch_size",
+        "imagine_context_length",
+        "imagine_horizon",
+        "d_model",
+        "d_state",
+        "d_conv",
+        "expand",
+        "headdim",
+        "chunk_size",
+        "n_layers",
+        "act_context_length",
+        "stoch_categoricals",
+        "stoch_classes",
+        "warmup_updates",
+        "log_every",
+    ]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if min(args.random_steps, args.eval_episodes, args.train_ratio, args.checkpoint_every) < 0:
+        raise UserError("--random-steps, --eval-episodes, --train-ratio and --checkpoint-every must be >= 0")
+    if args.upload_model and not args.save_model:
+        raise UserError("--upload-model needs the saved agent: drop --no-save-model")
+    if args.sequence_length > args.buffer_size:
+        raise UserError(f"--sequence-length {args.sequence_length} is longer than --buffer-size {args.buffer_size}")
+    if args.imagine_context_length > args.sequence_length:
+        raise UserError(
+            f"--imagine-context-length {args.imagine_context_length} is longer than "
+            f"--sequence-length {args.sequence_length}: lower it or raise --sequence-length"
+        )
+    if args.random_steps < args.sequence_length:
+        raise UserError(
+            f"--random-steps {args.random_steps} must be >= --sequence-length {args.sequence_length} "
+            "so that the first world-model batch exists"
+        )
+    if len(args.encoder_filters) < 2 or 64 % 2 ** (len(args.encoder_filters) - 1):
+        raise UserError("--encoder-filters needs 2 to 7 layers (the first keeps 64x64, each next halves it)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Discrete VAE (paper 2.2.1, Table 2): 64x64 RGB -> 32 categoricals x 32 classes -> 64x64 RGB
+# ----------------------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """5 conv layers, kernel 5, BatchNorm + SiLU; the first keeps 64x64, each next halves it: (64, 4, 4)."""
+
+    def __init__(self, filters: tuple[int, ...]):
+        super().__init__()
+        layers, in_channels = [], 3
+        for i, out_channels in enumerate(filters):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(in_channels, out_channels, 5, stride, 2), nn.BatchNorm2d(out_channels), nn.SiLU()]
+            in_channels = out_channels
+        self.net = nn.Sequential(*layers)
+        self.out_dim = filters[-1] * (64 // 2 ** (len(filters) - 1)) ** 2
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (N, 64, 64, 3) uint8 -> features (N, 1024)."""
+        x = obs.permute(0, 3, 1, 2).float().div(255)  # (N, 3, 64, 64), channels_last in memory: no copy
+        return self.net(x).flatten(1)  # (N, 1024)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder: linear -> (64, 4, 4), transposed convs (64, 64, 48, 32, 16), last to RGB."""
+
+    def __init__(self, filters: tuple[int, ...], latent_dim: int):
+        super().__init__()
+        mirrored = filters[::-1]  # (64, 64, 48, 32, 16)
+        self.start_shape = (mirrored[0], 64 // 2 ** (len(filters) - 1), 64 // 2 ** (len(filters) - 1))
+        self.linear = nn.Linear(latent_dim, math.prod(self.start_shape))
+        layers = [nn.BatchNorm2d(mirrored[0]), nn.SiLU()]
+        for in_channels, out_channels in zip(mirrored[:-1], mirrored[1:], strict=True):
+            layers += [
+                nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1),
+                nn.BatchNorm2d(out_channels),
+                nn.SiLU(),
+            ]
+        layers += [nn.ConvTranspose2d(mirrored[-1], 3, 5, 1, 2)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (N, 1024) -> reconstruction (N, 3, 64, 64) in [0, 1]."""
+        x = self.linear(z).view(-1, *self.start_shape).contiguous(memory_format=torch.channels_last)
+        return torch.sigmoid(self.net(x))  # (N, 3, 64, 64)
+
+
+def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
+    """Categorical probabilities mixed with 1% uniform (DreamerV3): no class is ever impossible."""
+    probs = logits.softmax(-1)
+    return (1 - unimix) * probs + unimix / logits.shape[-1]
+
+
+def sample_latent(probs: torch.Tensor) -> torch.Tensor:
+    """One-hot sample with straight-through gradients (Bengio et al., 2013): (..., 32, 32) -> (..., 1024)."""
+    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1)  # (N * 32, 1)
+    onehot = torch.zeros_like(probs).view(-1, probs.shape[-1]).scatter_(1, index, 1.0).view_as(probs)
+    return (onehot + probs - probs.detach()).flatten(-2)  # (..., 1024)
+
+
+def categorical_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of (..., 32, 32) probabilities, summed over the 32 categoricals -> (...)."""
+    return (p * (p.log() - q.log())).sum((-2, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba-1 mixer (Gu & Dao, 2024), pure PyTorch, with mamba_ssm's parameter names and inference cache.
+#
+# Each channel d has its own diagonal A (D x N), and dt, B, C depend on the input (selective SSM, S6):
+# h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t (paper eq. 1, Mamba eq. 2 and 4).
+# On CPU the scan is a loop over time steps; on CUDA, mamba_ssm's fused selective_scan_fn when importable.
+# ----------------------------------------------------------------------------------------------------------
+def selective_scan_step(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the discretised selective SSM (Gu & Dao 2024, eq. 2a-2b with eq. 4's A-bar).
+
+    h: (B, D, N) state before the step    u: (B, D) input x_t      delta: (B, D) step size, > 0
+    A: (D, N) negative real               B, C: (B, N)              D: (D,) skip
+    Returns y: (B, D) and the new state h: (B, D, N).
+    """
+    dA = torch.exp(delta[..., None] * A)  # (B, D, N)  A-bar = exp(delta A), eq. 4 (ZOH)
+    dBu = (delta * u)[..., None] * B[:, None]  # (B, D, N)  B-bar x_t with B-bar ~ delta B, as mamba_ssm
+    h = dA * h + dBu  # (B, D, N)  eq. 2a
+    y = (h @ C[..., None]).squeeze(-1) + D * u  # (B, D)  eq. 2b, plus the skip connection D
+    return y, h
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    initial_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan over a sequence (Algorithm 2, line 7: y = SSM(A-bar, B-bar, C)(x)).
+
+    u: (B, L, D)   delta: (B, L, D)   A: (D, N)   B, C: (B, L, N)   D: (D,)   initial_state: (B, D, N)
+    Returns y: (B, L, D) and the state after the last step: (B, D, N).
+
+    A sequential loop over L, one `selective_scan_step` per time step. On CPU it beat chunked
+    parallel forms (log-depth doubling scans within chunks + a recurrence over chunks) by 3x or more
+    in forward+backward time, with less memory: it never holds a (B, L, D, N) tensor at once,
+    backward keeps about two (B, D, N) tensors per step, 2*B*L*D*N floats in all
+    (268 MB in fp32 at B=16, L=128, D=1024, N=16).
+    """
+    h = initial_state  # (B, D, N)
+    ys = []
+    for u_t, delta_t, B_t, C_t in zip(u.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), strict=True):
+        y_t, h = selective_scan_step(h, u_t, delta_t, A, B_t, C_t, D)  # (B, D), (B, D, N)
+        ys.append(y_t)
+    return torch.stack(ys, dim=1), h  # (B, L, D), (B, D, N)
+
+
+class Mamba1(nn.Module):
+    """Mamba-1 mixer: the selective SSM block of Gu & Dao 2024, "Mamba: Linear-Time Sequence Modeling
+    with Selective State Spaces" (COLM 2024, arXiv:2312.00752), Figure 3 and Algorithm 2 (S6).
+
+    Glossary of dimension letters in the shape comments:
+        B  batch           L  sequence length      M  d_model
+        D  d_inner = expand * d_model              N  d_state
+        R  dt_rank = ceil(d_model / 16)            W  d_conv (width of the causal convolution)
+    (the paper's SSM matrices B, C and skip D keep their names; a shape comment always means a size.)
+
+    Parameter names and shapes are those of `mamba_ssm.modules.mamba_simple.Mamba`, so state dicts
+    load either way. The state is mamba_ssm's inference cache: conv_state (B, D, W) holds the last W
+    inputs of the convolution (newest in the last column), ssm_state (B, D, N) is h_t.
+
+    Left out: mamba_ssm's fused CUDA kernels are used when importable on GPU (`forward` with no
+    carried state; the fused scan ignores the gradient of the returned last state); elsewhere this is
+    plain PyTorch. No complex A, no variable-length packing, no fused step kernel.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        # depthwise causal conv; the left context is concatenated by hand, hence no padding
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)  # s_delta, s_B, s_C
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)  # broadcast of s_delta to D channels
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+        # dt_proj init as upstream: weight uniform +-R^-0.5, bias = softplus^-1(dt), dt log-uniform
+        # in [1e-3, 1e-1] (floored at 1e-4), so softplus(bias) starts in the paper's range for delta
+        nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+        dt = dt.clamp(min=1e-4)  # (D,)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        # S4D-real init: A = -(1, 2, ..., N) for every channel, stored as log(-A)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(self.d_inner, 1))  # (D, N)
+        self.D = nn.Parameter(torch.ones(self.d_inner))  # (D,)
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x: (B, L, M) -> y: (B, L, M) and the state after the last step, continuing from `state`."""
+        fused = state is None and x.is_cuda and selective_scan_fn is not None
+        conv_state, ssm_state = self.allocate_state(x.shape[0], x.device, x.dtype) if state is None else state
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each: SSM branch and gate branch (Fig. 3)
+        u = torch.cat([conv_state, u.transpose(1, 2)], dim=-1)  # (B, D, W + L)  carried inputs first
+        conv_state = u[:, :, -self.d_conv :]  # (B, D, W)  the last W inputs of the conv
+        u = F.silu(self.conv1d(u[:, :, 1:])).transpose(1, 2)  # (B, L, D)  causal conv + SiLU
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R|N|N)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, D)  s_delta(x) without the bias (Alg. 2, line 5)
+        A = -torch.exp(self.A_log)  # (D, N)  Alg. 2, line 2
+        if fused:  # mamba_ssm kernel: bias + softplus, scan and gate in one pass, layout (B, D, L)
+            y, ssm_state = selective_scan_fn(
+                u.transpose(1, 2),  # (B, D, L)
+                dt.transpose(1, 2),  # (B, D, L)
+                A.float(),  # (D, N)
+                B.transpose(1, 2),  # (B, N, L)
+                C.transpose(1, 2),  # (B, N, L)
+                self.D.float(),  # (D,)
+                z=z.transpose(1, 2),  # (B, D, L)
+                delta_bias=self.dt_proj.bias.float(),  # (D,)
+                delta_softplus=True,
+                return_last_state=True,
+            )  # (B, D, L), (B, D, N)
+            y = y.transpose(1, 2)  # (B, L, D)
+        else:
+            delta = F.softplus(dt + self.dt_proj.bias)  # (B, L, D)  tau_delta = softplus (Alg. 2, line 5)
+            y, ssm_state = selective_scan(u, delta, A, B, C, self.D, ssm_state)  # (B, L, D), (B, D, N)
+            y = y * F.silu(z)  # (B, L, D)  multiplicative gate (Fig. 3)
+        return self.out_proj(y), (conv_state, ssm_state)  # (B, L, M)
+
+    def step(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One recurrent step: x (B, M) -> y (B, M) and a new state (the old tensors are left as they are)."""
+        conv_state, ssm_state = state  # (B, D, W), (B, D, N)
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D) each
+        conv_state = torch.cat([conv_state[:, :, 1:], u[:, :, None]], dim=-1)  # (B, D, W)  newest last
+        u = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, D)
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
+        delta = F.softplus(self.dt_proj(dt))  # (B, D)
+        A = -torch.exp(self.A_log)  # (D, N)
+        y, ssm_state = selective_scan_step(ssm_state, u, delta, A, B, C, self.D)  # (B, D), (B, D, N)
+        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, M)
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero (conv_state (B, D, W), ssm_state (B, D, N)); parameters' device and dtype by default."""
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype)
+        return conv_state, ssm_state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# World model (paper 2.2, Figure 1): VAE + Mamba dynamics + reward and termination heads
+# ----------------------------------------------------------------------------------------------------------
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: x + mixer(RMSNorm(x))."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.d_model, eps=1e-5)
+        self.mixer = Mamba1(args.d_model, args.d_state, args.d_conv, args.expand)
+
+    def forward(self, x, state=None):
+        y, state = self.mixer(self.norm(x), state)
+        return x + y, state
+
+    def step(self, x, state):
+        y, state = self.mixer.step(self.norm(x), state)
+        return x + y, state
+
+
+class Dynamics(nn.Module):
+    """h_t = f(z_<=t, a_<=t) (paper eq. 5): concat(z_t, onehot(a_t)) -> linear -> RMSNorm -> SiLU -> Mamba blocks."""
+
+    def __init__(self, args: Args, latent_dim: int, action_dim: int):
+        super().__init__()
+        self.action_dim = action_dim
+        self.stem = nn.Sequential(
+            nn.Linear(latent_dim + action_dim, args.d_model), nn.RMSNorm(args.d_model, eps=1e-5), nn.SiLU()
+        )
+        self.blocks = nn.ModuleList(MambaBlock(args) for _ in range(args.n_layers))
+        self.norm = nn.RMSNorm(args.d_model, eps=1e-5)
+
+    def _input(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.stem(torch.cat([z, F.one_hot(action, self.action_dim).to(z.dtype)], dim=-1))
+
+    def forward(self, z: torch.Tensor, action: torch.Tensor, state=None):
+        """z (B, L, 1024), action (B, L) -> h (B, L, 512), per-block inference states after the last step."""
+        x = self._input(z, action)  # (B, L, 512)
+        states = []
+        for i, block in enumerate(self.blocks):
+            x, block_state = block(x, state[i] if state is not None else None)
+            states.append(block_state)
+        return self.norm(x), states
+
+    def step(self, z: torch.Tensor, action: torch.Tensor, state):
+        """z (B, 1024), action (B,) -> h (B, 512), new states (imagination: constant cost per step)."""
+        x = self._input(z, action)  # (B, 512)
+        states = []
+        for block, block_state in zip(self.blocks, state, strict=True):
+            x, block_state = block.step(x, block_state)
+            states.append(block_state)
+        return self.norm(x), states
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None):
+        return [block.mixer.allocate_state(batch_size, device, dtype) for block in self.blocks]
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+class TwoHotSymlog(nn.Module):
+    """255 bins uniform in symlog space on [-20, 20]; targets as two-hot vectors (DreamerV3)."""
+
+    def __init__(self, bins: int = 255, low: float = -20.0, high: float = 20.0):
+        super().__init__()
+        self.register_buffer("bins", torch.linspace(low, high, bins), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (...) -> two-hot (..., 255) of symlog(x)."""
+        y = symlog(x).clamp(self.bins[0], self.bins[-1])
+        below = (torch.bucketize(y, self.bins, right=True) - 1).clamp(0, len(self.bins) - 2)  # (...)
+        weight_above = (y - self.bins[below]) / (self.bins[below + 1] - self.bins[below])  # (...)
+        twohot = torch.zeros(*y.shape, len(self.bins), device=y.device, dtype=y.dtype)
+        twohot.scatter_(-1, below[..., None], (1 - weight_above)[..., None])
+        twohot.scatter_add_(-1, below[..., None] + 1, weight_above[..., None])
+        return twohot
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., 255) -> expected value in real space (...)."""
+        return symexp((logits.softmax(-1) * self.bins).sum(-1))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against the two-hot target, per element (...)."""
+        return -(self.encode(target) * logits.log_softmax(-1)).sum(-1)
+
+
+def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear -> RMSNorm -> SiLU -> Linear (paper A.2.3: one hidden layer of 256)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.RMSNorm(hidden, eps=1e-5), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+
+class WorldModel(nn.Module):
+    """Encoder/decoder, posterior and prior heads, Mamba dynamics, reward and termination heads (paper 2.2)."""
+
+    def __init__(self, args: Args, action_dim: int):
+        super().__init__()
+        self.stoch_shape = (args.stoch_categoricals, args.stoch_classes)
+        latent_dim = args.stoch_categoricals * args.stoch_classes
+        self.encoder = Encoder(args.encoder_filters)
+        self.posterior_head = nn.Linear(self.encoder.out_dim, latent_dim)
+        self.decoder = Decoder(args.encoder_filters, latent_dim)
+        self.dynamics = Dynamics(args, latent_dim, action_dim)
+        self.prior_head = nn.Linear(args.d_model, latent_dim)
+        self.reward_head = mlp_head(args.d_model, args.head_hidden, 255)
+        self.termination_head = mlp_head(args.d_model, args.head_hidden, 1)
+        self.twohot = TwoHotSymlog()
+        self.args = args
+        self.to(memory_format=torch.channels_last)  # conv VAE: NHWC is 1.4x faster on CPU
+
+    def posterior(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (..., 64, 64, 3) uint8 -> posterior probabilities (..., 32, 32) with 1% unimix."""
+        features = self.encoder(obs.reshape(-1, *obs.shape[-3:]))  # (N, 1024)
+        return unimix_probs(self.posterior_head(features).view(*obs.shape[:-3], *self.stoch_shape))
+
+    def prior(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., 512) -> prior probabilities over the next latent (..., 32, 32) with 1% unimix."""
+        return unimix_probs(self.prior_head(h).view(*h.shape[:-1], *self.stoch_shape))
+
+    def reward(self, h: torch.Tensor) -> torch.Tensor:
+        """Predicted reward of the action that led to h: (..., 512) -> (...)."""
+        return self.twohot.decode(self.reward_head(h))
+
+    def continuation(self, h: torch.Tensor) -> torch.Tensor:
+        """1 where the episode goes on after the action that led to h, 0 where it terminates."""
+        return (self.termination_head(h).squeeze(-1) <= 0).float()
+
+    def loss(self, obs, actions, rewards, terminations):
+        """Paper eq. 6-7 on a batch: obs (B, L, 64, 64, 3) uint8, actions (B, L), rewards/terminations (B, L).
+
+        h_t (from z_<=t, a_<=t) predicts z_{t+1}, the reward r_t of a_t and the termination after a_t.
+        """
+        batch, length = actions.shape
+        posterior = self.posterior(obs)  # (B, L, 32, 32)
+        z = sample_latent(posterior)  # (B, L, 1024)
+        reconstruction = self.decoder(z.flatten(0, 1))  # (B*L, 3, 64, 64)
+        target = obs.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)  # (B*L, 3, 64, 64)
+        reconstruction_loss = (reconstruction - target).pow(2).sum((1, 2, 3)).mean()
+        h, _ = self.dynamics(z, actions)  # (B, L, 512)
+        reward_loss = self.twohot.loss(self.reward_head(h), rewards).mean()
+        termination_loss = F.binary_cross_entropy_with_logits(self.termination_head(h).squeeze(-1), terminations)
+        prior = self.prior(h[:, :-1])  # (B, L-1, 32, 32): predictions of z_1 .. z_{L-1}
+        next_posterior = posterior[:, 1:]  # (B, L-1, 32, 32)
+        dynamics_kl = categorical_kl(next_posterior.detach(), prior).mean()
+        representation_kl = categorical_kl(next_posterior, prior.detach()).mean()
+        dynamics_loss = dynamics_kl.clamp(min=self.args.free_bits)
+        representation_loss = representation_kl.clamp(min=self.args.free_bits)
+        total = (
+            reconstruction_loss
+            + reward_loss
+            + termination_loss
+            + self.args.dyn_loss_scale * dynamics_loss
+            + self.args.rep_loss_scale * representation_loss
+        )
+        return total, {
+            "reconstruction_loss": reconstruction_loss,
+            "reward_loss": reward_loss,
+            "termination_loss": termination_loss,
+            "dynamics_kl": dynamics_kl,
+            "representation_kl": representation_kl,
+            "world_model_loss": total,
+        }
+
+    def parameter_counts(self) -> dict[str, int]:
+        parts = {
+            "encoder": [self.encoder],
+            "decoder": [self.decoder],
+            "dynamics": [self.dynamics],
+            "posterior+prior heads": [self.posterior_head, self.prior_head],
+            "reward+termination heads": [self.reward_head, self.termination_head],
+        }
+        counts = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in parts.items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Actor-critic (paper 2.3, A.2.4; DreamerV3)
+# ----------------------------------------------------------------------------------------------------------
+class RunningNorm(nn.Module):
+    """Running mean/std of the actor-critic input (z, h), clipped; saved with the agent (buffers)."""
+
+    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge the statistics of a batch x (N, dim) (parallel variance formula)."""
+        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var.copy_((self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total) / total)
+        self.mean.add_(delta * n / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
+    """`layers` x (Linear -> RMSNorm -> SiLU), then a Linear output; orthogonal init."""
+    modules, dim = [], in_dim
+    for _ in range(layers):
+        modules += [nn.Linear(dim, hidden), nn.RMSNorm(hidden, eps=1e-5), nn.SiLU()]
+        dim = hidden
+    modules.append(nn.Linear(dim, out_dim))
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            nn.init.orthogonal_(module.weight)
+            nn.init.zeros_(module.bias)
+    return nn.Sequential(*modules)
+
+
+class ActorCritic(nn.Module):
+    """Actor (2 x 256) and critic (2 x 512, 255-bin symlog two-hot) on normalised concat(z, h) (1536)."""
+
+    def __init__(self, args: Args, feature_dim: int, action_dim: int):
+        super().__init__()
+        self.args = args
+        self.norm = RunningNorm(feature_dim)
+        self.actor = mlp(feature_dim, args.actor_hidden, action_dim)
+        nn.init.orthogonal_(self.actor[-1].weight, gain=0.001)
+        self.critic = mlp(feature_dim, args.critic_hidden, 255)
+        nn.init.zeros_(self.critic[-1].weight)  # DreamerV3: the critic starts predicting 0
+        self.slow_critic = mlp(feature_dim, args.critic_hidden, 255)
+        self.slow_critic.load_state_dict(self.critic.state_dict())
+        self.slow_critic.requires_grad_(False)
+        self.twohot = TwoHotSymlog()
+        self.register_buffer("return_low", torch.zeros(()))
+        self.register_buffer("return_high", torch.zeros(()))
+
+    def policy(self, features: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(logits=self.actor(self.norm(features)))
+
+    @torch.no_grad()
+    def act(self, features: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """features (N, 1536) -> actions (N,)."""
+        policy = self.policy(features)
+        return policy.probs.argmax(-1) if greedy else policy.sample()
+
+    def value(self, features: torch.Tensor, slow: bool = False) -> torch.Tensor:
+        critic = self.slow_critic if slow else self.critic
+        return self.twohot.decode(critic(self.norm(features)))
+
+    def loss(self, features, actions, rewards, continuations):
+        """Imagined trajectories: features (B, H+1, 1536), actions/rewards/continuations (B, H)."""
+        with torch.no_grad():
+            returns = lambda_returns(rewards, continuations, self.value(features), self.args.gamma, self.args.lam)
+            slow_returns = lambda_returns(
+                rewards, continuations, self.value(features, slow=True), self.args.gamma, self.args.lam
+            )
+            low, high = torch.quantile(returns.flatten(), torch.tensor([0.05, 0.95], device=returns.device))
+            decay = self.args.return_norm_decay
+            self.return_low.lerp_(low, 1 - decay)
+            self.return_high.lerp_(high, 1 - decay)
+            scale = (self.return_high - self.return_low).clamp(min=1.0)  # S = max(1, P95 - P5)
+        policy = self.policy(features[:, :-1])  # (B, H) actions
+        critic_logits = self.critic(self.norm(features[:, :-1]))  # (B, H, 255)
+        advantage = (returns - self.twohot.decode(critic_logits).detach()) / scale  # (B, H)
+        entropy = policy.entropy()  # (B, H)
+        actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
+        critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
+        return actor_loss + critic_loss, {
+            "actor_loss": actor_loss,
+            "critic_loss": critic_loss,
+            "entropy": entropy.mean(),
+            "return_scale": scale,
+            "imagined_return": returns.mean(),
+        }
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters(), strict=True):
+            slow.lerp_(fast, 1 - self.args.slow_critic_decay)
+
+
+def lambda_returns(rewards, continuations, values, gamma: float, lam: float) -> torch.Tensor:
+    """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), R_H = V_H (DreamerV3 eq. 7).
+
+    rewards, continuations (B, H); values (B, H+1) -> returns (B, H).
+    """
+    returns, next_return = [], values[:, -1]
+    for t in reversed(range(rewards.shape[1])):
+        next_return = rewards[:, t] + gamma * continuations[:, t] * ((1 - lam) * values[:, t + 1] + lam * next_return)
+        returns.append(next_return)
+    return torch.stack(returns[::-1], dim=1)
+
+
+class LaProp(torch.optim.Optimizer):
+    """LaProp (Ziyin et al., 2020): Adam whose momentum averages gradients already divided by sqrt(v)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-20):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(())
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = state["step"].item()
+                exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                exp_avg = state["exp_avg"].mul_(beta1).add_(p.grad / denominator, alpha=1 - beta1)
+                p.add_(exp_avg, alpha=-group["lr"] / (1 - beta1**step))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The agent: world model + actor-critic, acting in real environments (one object for training and evaluation)
+# ----------------------------------------------------------------------------------------------------------
+class Agent(nn.Module):
+    """Acts in N environments from a window of the last `act_context_length` real (z, a) pairs per env.
+
+    To choose a_t the dynamics runs over the pairs up to t-1, giving h; the actor sees (z ~ prior(h), h)
+    (published code) or, with `act_on_posterior`, (z ~ posterior(o_t), h). The newest frame is encoded once
+    and joins the window with a_t. The first step of an episode takes a random action (empty window).
+    """
+
+    def __init__(self, args: Args, action_dim: int):
+        super().__init__()
+        self.args, self.action_dim = args, action_dim
+        self.world_model = WorldModel(args, action_dim)
+        self.actor_critic = ActorCritic(args, args.stoch_categoricals * args.stoch_classes + args.d_model, action_dim)
+        self.reset(1)
+
+    def reset(self, num_envs: int) -> None:
+        self.windows = [deque(maxlen=self.args.act_context_length) for _ in range(num_envs)]
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, episode_start: np.ndarray | None = None, greedy: bool = False) -> np.ndarray:
+        """obs (N, 64, 64, 3) uint8, episode_start (N,) bool (obs is an episode's first frame) -> actions (N,)."""
+        device = next(self.parameters()).device
+        if episode_start is not None:
+            for i in np.flatnonzero(episode_start):
+                self.windows[i].clear()
+        was_training = self.training
+        self.eval()
+        posterior = self.world_model.posterior(torch.tensor(obs, device=device))  # (N, 32, 32)
+        z_new = sample_latent(posterior)  # (N, 1024)
+        actions = torch.randint(self.action_dim, (len(obs),), device=device)
+        lengths = np.array([len(window) for window in self.windows])
+        for length in set(lengths[lengths > 0].tolist()):  # envs with equally long windows run together
+            envs = np.flatnonzero(lengths == length)
+            z = torch.stack([torch.stack([pair[0] for pair in self.windows[i]]) for i in envs])  # (n, T, 1024)
+            a = torch.stack([torch.stack([pair[1] for pair in self.windows[i]]) for i in envs])  # (n, T)
+            h, _ = self.world_model.dynamics(z, a)
+            h = h[:, -1]  # (n, 512)
+            z_actor = z_new[envs] if self.args.act_on_posterior else sample_latent(self.world_model.prior(h))
+            actions[envs] = self.actor_critic.act(torch.cat([z_actor, h], -1), greedy)
+        for i, window in enumerate(self.windows):
+            window.append((z_new[i], actions[i]))
+        self.train(was_training)
+        return actions.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay buffer with dynamic frequency-based sampling (paper 2.4)
+# ----------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Ring buffer of (obs uint8, action, reward, termination, episode start) with DFS counters.
+
+    Indices passed in and out are logical: 0 is the oldest stored step. n_wm[i] counts how often step i
+    started a world-model sequence, n_img[i] how often it started an imagination context (start only).
+    """
+
+    def __init__(self, capacity: int, obs_shape=(64, 64, 3)):
+        self.capacity, self.size, self.next = capacity, 0, 0
+        self.obs = np.zeros((capacity, *obs_shape), dtype=np.uint8)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminations = np.zeros(capacity, dtype=np.float32)
+        self.episode_starts = np.zeros(capacity, dtype=bool)
+        self.n_wm = np.zeros(capacity, dtype=np.int64)
+        self.n_img = np.zeros(capacity, dtype=np.int64)
+
+    def add(self, obs, action, reward, termination, episode_start) -> None:
+        i = self.next
+        self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
+        self.terminations[i], self.episode_starts[i] = termination, episode_start
+        self.n_wm[i] = self.n_img[i] = 0
+        self.next, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def _physical(self, index: np.ndarray) -> np.ndarray:
+        return (self.next - self.size + index) % self.capacity
+
+    def counts(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n_wm, n_img) of the valid starts [0, size - length] of sequences of `length` steps."""
+        index = self._physical(np.arange(self.size - length + 1))
+        return self.n_wm[index], self.n_img[index]
+
+    def world_model_probs(self, length: int, tau: float) -> np.ndarray:
+        """p_i = softmax(-n_wm[i] / tau) over valid starts (paper 2.4)."""
+        n_wm, _ = self.counts(length)
+        return softmax(-n_wm / tau)
+
+    def imagination_probs(self, length: int, tau_img: float, alpha: float, beta: float, ratio: float) -> np.ndarray:
+        """k_i = n_img[i] / ratio; p_i = softmax((n_wm[i] - alpha k_i - beta max(0, n_wm[i] - k_i)) / tau_img)."""
+        n_wm, n_img = self.counts(length)
+        k = n_img / ratio
+        return softmax((n_wm - alpha * k - beta * np.maximum(0, n_wm - k)) / tau_img)
+
+    def sample_world_model_starts(self, args: Args, rng: np.random.Generator) -> np.ndarray:
+        """DFS: draw `batch_size` sequence starts from p_i = softmax(-n_wm[i] / tau), then count them."""
+        probs = self.world_model_probs(args.sequence_length, args.tau)
+        starts = rng.choice(len(probs), size=args.batch_size, p=probs)
+        np.add.at(self.n_wm, self._physical(starts), 1)
+        return starts
+
+    def sample_imagination_starts(self, args: Args, rng: np.random.Generator) -> np.ndarray:
+        """DFS: draw `imagine_batch_size` context starts from the imagination probabilities, then count them."""
+        ratio = args.imagine_batch_size / args.batch_size  # k_i puts n_img on n_wm's scale (= 64 by default)
+        probs = self.imagination_probs(args.imagine_context_length, args.tau_img, args.alpha, args.beta, ratio)
+        starts = rng.choice(len(probs), size=args.imagine_batch_size, p=probs)
+        np.add.at(self.n_img, self._physical(starts), 1)
+        return starts
+
+    def sequences(self, starts: np.ndarray, length: int, device) -> dict[str, torch.Tensor]:
+        """Steps [start, start + length) of each start -> tensors (B, length, ...)."""
+        index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
+        batch = {
+            "obs": self.obs[index],
+            "actions": self.actions[index],
+            "rewards": self.rewards[index],
+            "terminations": self.terminations[index],
+        }
+        pin = torch.device(device).type == "cuda"
+        return {
+            k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=True)
+            for k, v in batch.items()
+        }
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Imagination (paper 2.3): 8 real context steps, then 16 steps in the world model under the policy
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def imagine(world_model: WorldModel, actor_critic: ActorCritic, obs, actions, horizon: int):
+    """obs (B, C, 64, 64, 3), actions (B, C) -> features (B, H+1, 1536), actions, rewards, continuations (B, H).
+
+    s_0 = (z_0 ~ prior(h_ctx), h_ctx); for i < H: a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1}).
+    The reward and continuation of a_i are read from h_{i+1}, the state after a_i.
+    """
+    z = sample_latent(world_model.posterior(obs))  # (B, C, 1024)
+    h, state = world_model.dynamics(z, actions)  # (B, C, 512)
+    h = h[:, -1]  # (B, 512)
+    z = sample_latent(world_model.prior(h))  # (B, 1024)
+    features, taken, rewards, continuations = [torch.cat([z, h], -1)], [], [], []
+    for _ in range(horizon):
+        action = actor_critic.act(features[-1])  # (B,)
+        h, state = world_model.dynamics.step(z, action, state)  # (B, 512)
+        z = sample_latent(world_model.prior(h))  # (B, 1024)
+        features.append(torch.cat([z, h], -1))
+        taken.append(action)
+        rewards.append(world_model.reward(h))
+        continuations.append(world_model.continuation(h))
+    return (torch.stack(features, 1), torch.stack(taken, 1), torch.stack(rewards, 1), torch.stack(continuations, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def train_world_model(agent, optimizer, scheduler, buffer, args, rng, device, autocast):
+    starts = buffer.sample_world_model_starts(args, rng)
+    batch = buffer.sequences(starts, args.sequence_length, device)
+    agent.world_model.train()
+    with autocast:
+        loss, metrics = agent.world_model.loss(batch["obs"], batch["actions"], batch["rewards"], batch["terminations"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    metrics["world_model_grad_norm"] = nn.utils.clip_grad_norm_(agent.world_model.parameters(), args.wm_grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return metrics
+
+
+def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, autocast):
+    starts = buffer.sample_imagination_starts(args, rng)
+    batch = buffer.sequences(starts, args.imagine_context_length, device)
+    agent.world_model.eval()
+    with autocast:
+        features, actions, rewards, continuations = imagine(
+            agent.world_model, agent.actor_critic, batch["obs"], batch["actions"], args.imagine_horizon
+        )
+    features = features.float()
+    agent.actor_critic.norm.update(features.flatten(0, 1))
+    with autocast:
+        loss, metrics = agent.actor_critic.loss(features, actions, rewards.float(), continuations.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    metrics["actor_critic_grad_norm"] = nn.utils.clip_grad_norm_(
+        [p for p in agent.actor_critic.parameters() if p.requires_grad], args.ac_grad_clip
+    )
+    optimizer.step()
+    scheduler.step()
+    agent.actor_critic.update_slow_critic()
+    metrics["imagined_reward"] = rewards.mean()
+    return metrics
+
+
+def make_optimizer(parameters, lr: float, warmup: int):
+    optimizer = LaProp([p for p in parameters if p.requires_grad], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: min(1.0, (update + 1) / warmup))
+    return optimizer, scheduler
+
+
+VARIANT = os.path.basename(__file__)[: -len(".py")]
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file to `path.tmp`, then rename: a crash mid-write leaves the old file intact."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=metadata)
+    os.replace(path + ".tmp", path)
+
+
+def save_agent(agent: Agent, args: Args, run_dir: str) -> str:
+    """Write `agent.safetensors` (weights and normaliser statistics) and `args.json`, each atomically."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "agent.safetensors")
+    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "env_id": args.env_id}
+    atomic_save(agent.state_dict(), path, metadata)
+    with open(os.path.join(run_dir, "args.json.tmp"), "w") as f:
+        json.dump({**asdict(args), "variant": VARIANT, "action_dim": agent.action_dim}, f, indent=2)
+    os.replace(os.path.join(run_dir, "args.json.tmp"), os.path.join(run_dir, "args.json"))
+    return path
+
+
+def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {f"{prefix}.{i}.{k}": v for i, p in enumerate(params) for k, v in optimizer.state.get(p, {}).items()}
+
+
+def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, index, name = key.rsplit(".", 2)
+            optimizer.state[params[int(index)]][name] = value.to(params[int(index)].device)
+
+
+def save_training_state(run_dir: str, training: dict) -> None:
+    """Everything a run needs to continue exactly: models, optimisers, replay + DFS counters, RNGs, counters."""
+    agent, buffer = training["agent"], training["buffer"]
+    tensors = {f"agent.{k}": v for k, v in agent.state_dict().items()}
+    tensors |= optimizer_tensors("wm_optimizer", training["wm_optimizer"])
+    tensors |= optimizer_tensors("ac_optimizer", training["ac_optimizer"])
+    tensors |= {
+        f"buffer.{k}": torch.from_numpy(v[: buffer.size]) for k, v in vars(buffer).items() if isinstance(v, np.ndarray)
+    }
+    tensors["action_history"] = torch.tensor(training["action_history"], dtype=torch.int64)
+    tensors["torch_rng"] = torch.get_rng_state()
+    for i, window in enumerate(agent.windows):
+        if window:
+            tensors[f"window.{i}.z"] = torch.stack([z for z, _ in window])
+            tensors[f"window.{i}.actions"] = torch.stack([a for _, a in window])
+    progress = {k: training[k] for k in ("global_step", "updates", "update_budget", "episode_start", "run_name")}
+    progress |= {
+        "recent_returns": [float(r) for r in training["recent_returns"]],
+        "buffer": {"next": buffer.next, "size": buffer.size},
+        "wm_scheduler": training["wm_scheduler"].state_dict(),
+        "ac_scheduler": training["ac_scheduler"].state_dict(),
+        "rng": training["rng"].bit_generator.state,
+        "args": asdict(training["args"]),
+    }
+    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "progress": json.dumps(progress)}
+    atomic_save(tensors, os.path.join(run_dir, "checkpoint.safetensors"), metadata)
+
+
+def read_training_state(run_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and check `run_dir/checkpoint.safetensors`: (tensors, progress). One-line errors name the fix."""
+    from safetensors import safe_open
+
+    path = os.path.join(run_dir, "checkpoint.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(
+            f"no checkpoint at {path}: pass --resume runs/<run_name> of a run saved with --checkpoint-every"
+        )
+    try:
+        with safe_open(path, "pt") as f:
+            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:
+        raise UserError(f"{path} is corrupted or truncated ({error}): resume from another run or start anew") from None
+    if metadata.get("variant") != VARIANT:
+        raise UserError(f"{path} was written by {metadata.get('variant')}.py, not {VARIANT}.py: resume it with that")
+    progress = json.loads(metadata["progress"])
+    progress["action_dim"] = int(metadata["action_dim"])
+    return tensors, progress
+
+
+def restore_training_state(training: dict, tensors: dict[str, torch.Tensor], progress: dict) -> None:
+    agent, buffer = training["agent"], training["buffer"]
+    agent.load_state_dict({k[len("agent.") :]: v for k, v in tensors.items() if k.startswith("agent.")})
+    load_optimizer_tensors("wm_optimizer", training["wm_optimizer"], tensors)
+    load_optimizer_tensors("ac_optimizer", training["ac_optimizer"], tensors)
+    for name, array in vars(buffer).items():
+        if isinstance(array, np.ndarray):
+            array[: progress["buffer"]["size"]] = tensors[f"buffer.{name}"].numpy()
+    buffer.next, buffer.size = progress["buffer"]["next"], progress["buffer"]["size"]
+    for name in ("wm", "ac"):
+        scheduler = training[f"{name}_scheduler"]
+        scheduler.load_state_dict(progress[f"{name}_scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the learning rate the saved run's next update would have used
+    training["rng"].bit_generator.state = progress["rng"]
+    torch.set_rng_state(tensors["torch_rng"])
+    device = next(agent.parameters()).device
+    for i, window in enumerate(agent.windows):
+        if f"window.{i}.z" in tensors:
+            z, actions = tensors[f"window.{i}.z"].to(device), tensors[f"window.{i}.actions"].to(device)
+            window.extend(zip(z, actions, strict=True))
+    training["action_history"] = tensors["action_history"].tolist()
+    training["recent_returns"].extend(progress["recent_returns"])
+    for key in ("global_step", "updates", "update_budget", "episode_start"):
+        training[key] = progress[key]
+
+
+def replay_env(env, seed: int, actions: list[int]):
+    """Bring a fresh env to where the saved run left it: ALE is deterministic given the seed and the actions."""
+    obs, _ = env.reset(seed=seed)
+    for action in actions:
+        obs, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    return obs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
+
+
+def main(args: Args) -> None:
+    saved = None
+    if args.resume:  # every setting comes from the saved run, except how long to train
+        saved = read_training_state(args.resume)
+        args = Args(**{**saved[1]["args"], "total_timesteps": args.total_timesteps, "resume": args.resume})
+        args.encoder_filters = tuple(args.encoder_filters)
+    check_args(args)
+    check_env_id(args.env_id)
+    run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    device = resolve_device(args.device)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--track needs Weights and Biases: pip install wandb") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            monitor_gym=True,
+            save_code=True,
+            resume="allow" if saved else None,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir, purge_step=saved[1]["global_step"] if saved else None)
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+
+    env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
+    action_dim = int(env.action_space.n)
+    if saved and saved[1]["action_dim"] != action_dim:
+        raise UserError(f"{args.resume} has {saved[1]['action_dim']} actions but {args.env_id} has {action_dim}")
+    agent = Agent(args, action_dim).to(device)
+    counts = agent.world_model.parameter_counts()
+    print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
+    ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)
+    training = dict(
+        args=args, agent=agent, buffer=ReplayBuffer(args.buffer_size), rng=np.random.default_rng(args.seed),
+        wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler,
+        global_step=0, updates=0, update_budget=0.0, episode_start=True, recent_returns=deque(maxlen=5),
+        action_history=[], run_name=run_name,
+    )  # fmt: skip
+    if saved:
+        restore_training_state(training, *saved)
+        print(f"resuming {run_name} at step {training['global_step']}: replaying the env", flush=True)
+        obs = replay_env(env, args.seed, training["action_history"])
+    else:
+        obs, _ = env.reset(seed=args.seed)
+    buffer, rng, recent_returns = training["buffer"], training["rng"], training["recent_returns"]
+    episode_start, first_step = training["episode_start"], training["global_step"]
+    start_time = last_print = time.time()
+    for global_step in range(first_step, args.total_timesteps):
+        # ALGO LOGIC: act (random before `random_steps`, then the actor on the world model's state)
+        if global_step < args.random_steps:
+            action = int(rng.integers(action_dim))
+        else:
+            action = int(agent.act(obs[None], np.array([episode_start]))[0])
+        training["action_history"].append(action)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # a lost life is a termination for the world model, but the game goes on
+        buffer.add(obs, action, reward, terminated or info["life_loss"], episode_start)
+        obs, episode_start = next_obs, terminated or truncated
+        if episode_start:
+            recent_returns.append(info["episode"]["r"])
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+            writer.add_scalar("charts/episodic_return_mean5", np.mean(recent_returns), global_step)
+            obs, _ = env.reset()
+
+        # ALGO LOGIC: one world-model and one actor-critic update per env step (train_ratio)
+        if global_step >= args.random_steps:
+            training["update_budget"] += args.train_ratio
+            while training["update_budget"] >= 1:
+                training["update_budget"] -= 1
+                training["updates"] += 1
+                metrics = train_world_model(agent, wm_optimizer, wm_scheduler, buffer, args, rng, device, autocast)
+                metrics |= train_actor_critic(agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast)
+                if training["updates"] % args.log_every == 0:
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"losses/{key}", float(value.detach()), global_step)
+                    writer.add_scalar("charts/learning_rate", wm_optimizer.param_groups[0]["lr"], global_step)
+
+        training["global_step"], training["episode_start"] = global_step + 1, episode_start
+        if args.checkpoint_every and training["global_step"] % args.checkpoint_every == 0:
+            save_training_state(run_dir, training)
+        sps = (global_step + 1 - first_step) / (time.time() - start_time)
+        if global_step % 100 == 0:
+            writer.add_scalar("charts/SPS", sps, global_step)
+        if time.time() - last_print > 10 or global_step + 1 == args.total_timesteps:
+            last_print = time.time()
+            eta = (args.total_timesteps - global_step - 1) / sps
+            mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
+            print(
+                f"step {global_step + 1}/{args.total_timesteps} updates {training['updates']} SPS {sps:.1f} "
+                f"ETA {eta / 3600:.1f} h return(mean of 5) {mean_return}",
+                flush=True,
+            )
+    env.close()
+
+    if args.checkpoint_every:
+        save_training_state(run_dir, training)
+    if args.save_model:
+        print(f"agent saved to {save_agent(agent, args, run_dir)}")
+    if args.eval_episodes:
+        from utils.evaluate import evaluate, save_results
+
+        results = evaluate(
+            agent,
+            args.env_id,
+            episodes=args.eval_episodes,
+            seed=args.seed + 1000,
+            greedy=args.eval_greedy,
+            sticky_actions=args.sticky_actions,
+        )
+        results |= {"exp_name": args.exp_name, "seed": args.seed}
+        save_results(results, os.path.join(run_dir, "eval_results.json"))
+        for i, episodic_return in enumerate(results["returns"]):
+            writer.add_scalar("eval/episodic_return", episodic_return, i)
+        print(
+            f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, "
+            f"human-normalised {results['hns']:.3f}"
+        )
+    writer.close()  # flush every event before the upload
+    if args.upload_model:
+        from utils.hub import push_to_hub
+
+        print(f"uploaded to {push_to_hub(args, run_dir)}")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as error:
+        sys.exit(f"error: {error}")
