@@ -1129,6 +1129,7 @@ def main(args: Args) -> None:
     agent = Agent(args, action_dim).to(device)
     counts = agent.world_model.parameter_counts()
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    print(f"run {run_name} on {device}: TensorBoard logs and the agent go to {run_dir}", flush=True)
     wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
     ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)
     training = dict(
@@ -1213,9 +1214,9 @@ def main(args: Args) -> None:
         save_results(results, os.path.join(run_dir, "eval_results.json"))
         for i, episodic_return in enumerate(results["returns"]):
             writer.add_scalar("eval/episodic_return", episodic_return, i)
+        hns = "n/a (not an Atari100k game)" if results["hns"] is None else f"{results['hns']:.3f}"
         print(
-            f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, "
-            f"human-normalised {results['hns']:.3f}"
+            f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, human-normalised {hns}"
         )
     writer.close()  # flush every event before the upload
     if args.upload_model:
