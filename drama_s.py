@@ -179,8 +179,6 @@ def check_args(args: Args) -> None:
         "d_state",
         "d_conv",
         "expand",
-        "headdim",
-        "chunk_size",
         "n_layers",
         "act_context_length",
         "stoch_categoricals",
@@ -207,10 +205,17 @@ def check_args(args: Args) -> None:
             f"--random-steps {args.random_steps} must be >= --sequence-length {args.sequence_length} "
             "so that the first world-model batch exists"
         )
-    if (args.expand * args.d_model) % args.headdim:
-        raise UserError(f"--headdim {args.headdim} must divide expand * d_model = {args.expand * args.d_model}")
-    if len(args.encoder_filters) < 2 or 64 % 2 ** (len(args.encoder_filters) - 1):
-        raise UserError("--encoder-filters needs 2 to 7 layers (the first keeps 64x64, each next halves it)")
+    if args.tau <= 0 or args.tau_img <= 0:
+        raise UserError(f"the DFS temperatures --tau {args.tau} and --tau-img {args.tau_img} must be positive")
+    if args.headdim <= 0 or args.chunk_size <= 0 or (args.expand * args.d_model) % args.headdim:
+        raise UserError(
+            f"--headdim {args.headdim} must be positive and divide expand * d_model = {args.expand * args.d_model}, "
+            f"and --chunk-size {args.chunk_size} must be positive"
+        )
+    if len(args.encoder_filters) < 2 or 64 % 2 ** (len(args.encoder_filters) - 1) or min(args.encoder_filters) <= 0:
+        raise UserError(
+            "--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next halves it)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # variant -> (top-level blocks of drama_xs.py its diff may touch, most changed lines allowed)
 ABLATIONS = {
     "drama_s": ({"Args"}, 10),
-    "drama_uniform_sampling": ({"Args", "ReplayBuffer", "softmax"}, 80),
+    "drama_uniform_sampling": ({"Args", "check_args", "ReplayBuffer", "softmax"}, 80),
     "drama_mamba1": (
         {"imports", "Args", "check_args", "segment_sum", "ssd_scan", "GatedRMSNorm", "Mamba2", "MambaBlock"},
         400,
