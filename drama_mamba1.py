@@ -316,11 +316,12 @@ def selective_scan(
     u: (B, L, D)   delta: (B, L, D)   A: (D, N)   B, C: (B, L, N)   D: (D,)   initial_state: (B, D, N)
     Returns y: (B, L, D) and the state after the last step: (B, D, N).
 
-    A sequential loop over L, one `selective_scan_step` per time step. On CPU it beat chunked
-    parallel forms (log-depth doubling scans within chunks + a recurrence over chunks) by 3x or more
-    in forward+backward time, with less memory: it never holds a (B, L, D, N) tensor at once,
-    backward keeps about two (B, D, N) tensors per step, 2*B*L*D*N floats in all
-    (268 MB in fp32 at B=16, L=128, D=1024, N=16).
+    A sequential loop over L, one `selective_scan_step` per time step. On a 2-core CPU this beat
+    numerically safe chunked parallel forms (log-depth doubling scans within chunks, a recurrence
+    over chunks) by 1.4-9x in forward+backward time, and it needs less memory: no (B, L, D, N)
+    tensor is ever held at once; backward keeps two (B, D, N) tensors per step (exp(delta A) and h),
+    2*B*L*D*N floats in all (268 MB in fp32 at B=16, L=128, D=1024, N=16).
+    On GPU, mamba_ssm's fused kernel replaces it.
     """
     h = initial_state  # (B, D, N)
     ys = []
@@ -344,9 +345,10 @@ class Mamba1(nn.Module):
     load either way. The state is mamba_ssm's inference cache: conv_state (B, D, W) holds the last W
     inputs of the convolution (newest in the last column), ssm_state (B, D, N) is h_t.
 
-    Left out: mamba_ssm's fused CUDA kernels are used when importable on GPU (`forward` with no
-    carried state; the fused scan ignores the gradient of the returned last state); elsewhere this is
-    plain PyTorch. No complex A, no variable-length packing, no fused step kernel.
+    Fast path: on GPU with mamba_ssm installed, `forward` without a carried state calls its fused
+    `selective_scan_fn` (same weights; it gives no gradient to the returned last state). A carried
+    state, `step` and the CPU always take the plain-PyTorch code below. Left out: complex A,
+    variable-length packing, fused conv / step kernels (causal_conv1d, selective_state_update).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
