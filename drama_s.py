@@ -21,6 +21,7 @@ import tyro
 
 from utils import UserError
 from utils.atari import check_env_id, make_env
+from utils.dream import log_dream
 
 try:  # fused CUDA kernel for the SSD scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -163,6 +164,9 @@ class Args:
     """linear learning-rate warm-up of both optimisers"""
     log_every: int = 100
     """log losses to TensorBoard every this many updates"""
+    dream_every: int = 5000
+    """log a dream to TensorBoard (real | reconstructed | imagined video, imagination errors) every this many
+    updates (0: never)"""
 
 
 def check_args(args: Args) -> None:
@@ -189,8 +193,10 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if min(args.random_steps, args.eval_episodes, args.train_ratio, args.checkpoint_every) < 0:
-        raise UserError("--random-steps, --eval-episodes, --train-ratio and --checkpoint-every must be >= 0")
+    if min(args.random_steps, args.eval_episodes, args.train_ratio, args.checkpoint_every, args.dream_every) < 0:
+        raise UserError(
+            "--random-steps, --eval-episodes, --train-ratio, --checkpoint-every and --dream-every must be >= 0"
+        )
     if args.upload_model and not args.save_model:
         raise UserError("--upload-model needs the saved agent: drop --no-save-model")
     if args.sequence_length > args.buffer_size:
@@ -1182,6 +1188,8 @@ def main(args: Args) -> None:
                     for key, value in metrics.items():
                         writer.add_scalar(f"losses/{key}", float(value.detach()), global_step)
                     writer.add_scalar("charts/learning_rate", wm_optimizer.param_groups[0]["lr"], global_step)
+                if args.dream_every and training["updates"] % args.dream_every == 0:
+                    log_dream(writer, agent, buffer, global_step, context_length=args.imagine_context_length)
 
         training["global_step"], training["episode_start"] = global_step + 1, episode_start
         if args.checkpoint_every and training["global_step"] % args.checkpoint_every == 0:
