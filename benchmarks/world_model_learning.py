@@ -11,7 +11,8 @@ loss) at a reduced batch, and reports on the last `--holdout` steps, never train
 - the dynamics KL(posterior || prior) of the next latent (lower = better predictions).
 
     python benchmarks/world_model_learning.py --quick        # ~10 min on 2 CPU cores
-    python benchmarks/world_model_learning.py --updates 3000 # the numbers in README.md
+    python benchmarks/world_model_learning.py --steps 8000 --updates 1000 --batch-size 4 --sequence-length 32 \
+        --lr 2e-4 --warmup 100                                # the numbers in README.md
 """
 
 import argparse
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sequence-length", type=int, default=32)
     parser.add_argument("--lr", type=float, default=4e-5, help="the paper's 4e-5 by default")
+    parser.add_argument("--warmup", type=int, default=1000, help="learning-rate warm-up updates (paper: 1000)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="6k steps, 1000 updates")
@@ -100,7 +102,12 @@ def main() -> None:
     data = collect(options.env_id, options.steps, options.seed)
     train = {k: v[: -options.holdout] for k, v in data.items() if k != "action_dim"}
     held_out = {k: v[-options.holdout :] for k, v in data.items() if k != "action_dim"}
-    args = drama_xs.Args(batch_size=options.batch_size, sequence_length=options.sequence_length, wm_lr=options.lr)
+    args = drama_xs.Args(
+        batch_size=options.batch_size,
+        sequence_length=options.sequence_length,
+        wm_lr=options.lr,
+        warmup_updates=options.warmup,
+    )
     agent = drama_xs.Agent(args, data["action_dim"])
     buffer = drama_xs.ReplayBuffer(len(train["actions"]))
     for step in zip(*(train[k] for k in ("obs", "actions", "rewards", "terminations", "starts")), strict=True):
@@ -124,7 +131,8 @@ def main() -> None:
 
     print(
         f"\n{options.env_id}: {len(train['actions'])} training steps, {options.holdout} held-out steps, "
-        f"{options.updates} updates of {options.batch_size}x{options.sequence_length}, lr {options.lr}\n"
+        f"{options.updates} updates of {options.batch_size}x{options.sequence_length}, lr {options.lr}, "
+        f"warm-up {options.warmup}\n"
     )
     print("| metric (held-out) | before training | after training |")
     print("|---|---|---|")
