@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import UserError, run_cli
 
 KEY_HELP = (
     "arrows: UP/DOWN/LEFT/RIGHT, space: FIRE, combined as the game allows (UP+space -> UPFIRE; a combination "
@@ -600,12 +600,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils import UserError
+from utils import UserError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,12 +126,7 @@ def enjoy(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        enjoy(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: enjoy(args))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from utils import UserError
+from utils import UserError, run_cli
 from utils.atari import check_env_id, make_env
 
 TABLE1_CSV = Path(__file__).with_name("atari100k_scores.csv")
@@ -447,14 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     agg.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
     agg.add_argument("--seed", type=int, default=0, help="seed of the bootstrap RNG (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
+
+    def command():
         if args.reps < 1:
             raise UserError(f"--reps must be >= 1, got {args.reps}")
         run_aggregate(args.results, args.out, args.reps, args.seed)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(command)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, metadata_eval_result
 
-from utils import UserError
+from utils import UserError, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the drama_*.py scripts live here, next to utils/
 CHECKPOINT_FILES = ("agent.safetensors", "args.json")
@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--hf-entity", default=None, help="user or org of the default repo id (default: args.json's)")
     push.add_argument("--video-folder", default=None, help="folder of the mp4 to upload (default: videos/{run_name})")
     args = parser.parse_args(argv)
-    try:
+
+    def command():
         run = Path(args.run_dir)
         if not (run / "args.json").is_file():
             raise UserError(f"{args.run_dir} has no args.json: pass a run folder written by save_agent")
@@ -503,10 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.hf_entity is not None:
             run_args.hf_entity = args.hf_entity
         push_to_hub(run_args, args.run_dir, repo_id=args.repo_id, video_folder=args.video_folder)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(command)
 
 
 if __name__ == "__main__":
