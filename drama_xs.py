@@ -694,8 +694,10 @@ class ActorCritic(nn.Module):
 
     def loss(self, features, actions, rewards, continuations):
         """Imagined trajectories: features (B, H+1, 1536), actions/rewards/continuations (B, H)."""
+        critic_logits = self.critic(self.norm(features))  # (B, H+1, 255): one pass for targets and loss
+        values = self.twohot.decode(critic_logits.detach())  # (B, H+1)
         with torch.no_grad():
-            returns = lambda_returns(rewards, continuations, self.value(features), self.args.gamma, self.args.lam)
+            returns = lambda_returns(rewards, continuations, values, self.args.gamma, self.args.lam)
             slow_returns = lambda_returns(
                 rewards, continuations, self.value(features, slow=True), self.args.gamma, self.args.lam
             )
@@ -705,10 +707,10 @@ class ActorCritic(nn.Module):
             self.return_high.lerp_(high, 1 - decay)
             scale = (self.return_high - self.return_low).clamp(min=1.0)  # S = max(1, P95 - P5)
         policy = self.policy(features[:, :-1])  # (B, H) actions
-        critic_logits = self.critic(self.norm(features[:, :-1]))  # (B, H, 255)
-        advantage = (returns - self.twohot.decode(critic_logits).detach()) / scale  # (B, H)
+        advantage = (returns - values[:, :-1]) / scale  # (B, H)
         entropy = policy.entropy()  # (B, H)
         actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
+        critic_logits = critic_logits[:, :-1]  # (B, H, 255): the states whose returns are known
         critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
         return actor_loss + critic_loss, {
             "actor_loss": actor_loss,
