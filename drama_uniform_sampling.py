@@ -1155,7 +1155,7 @@ def main(args: Args) -> None:
         sps = (global_step + 1 - first_step) / (time.time() - start_time)
         if global_step % 100 == 0:
             writer.add_scalar("charts/SPS", sps, global_step)
-        if time.time() - last_print > 10 or global_step + 1 == args.total_timesteps:
+        if time.time() - last_print > 10 or global_step in (first_step, args.total_timesteps - 1):
             last_print = time.time()
             eta = (args.total_timesteps - global_step - 1) / sps
             mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
