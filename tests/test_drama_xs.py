@@ -287,24 +287,13 @@ def test_mamba2_parameter_names_and_shapes_match_mamba_ssm(mamba2_mod):
     assert conv_state.shape == (3, 1056, 4) and ssm_state.shape == (3, 8, 128, 16)  # mamba_ssm's cache
 
 
-def test_mamba1_parameter_names_and_shapes_match_mamba_ssm():
+def test_mamba1_variant_builds_mamba1_blocks():
+    """drama_mamba1's blocks hold the Mamba-1 mixer (its names and shapes are checked in test_mamba1.py)."""
     if not MAMBA1:
         pytest.skip("drama_mamba1.py is not in the repository yet")
     mod = importlib.import_module(MAMBA1[0])
     mixer = mod.MambaBlock(tiny_args(mod, d_model=512, d_state=16, d_conv=4, expand=2)).mixer
     assert type(mixer).__name__ == "Mamba1"
-    shapes = {name: tuple(p.shape) for name, p in mixer.named_parameters()}
-    assert shapes == {
-        "in_proj.weight": (2048, 512),
-        "conv1d.weight": (1024, 1, 4),
-        "conv1d.bias": (1024,),
-        "x_proj.weight": (64, 1024),
-        "dt_proj.weight": (1024, 32),
-        "dt_proj.bias": (1024,),
-        "A_log": (1024, 16),
-        "D": (1024,),
-        "out_proj.weight": (512, 1024),
-    }
     assert sum(p.numel() for p in mixer.parameters()) == 1_694_720
 
 
