@@ -186,17 +186,7 @@ def main() -> None:
         for c in contexts:
             rollouts = {}
             for name, model in models.items():
-                if isinstance(model, C.ResidualStack):
-                    start_state = random_like_state(model.allocate_state(batch, device, dtype))
-
-                    def rollout(model=model, start_state=start_state):
-                        state = start_state
-                        with C.autocast(device, args.bf16):
-                            for t in range(horizon):
-                                _, state = model.step(xs[t], state)
-                        return state
-
-                elif isinstance(model, KVCachedTransformer):
+                if isinstance(model, KVCachedTransformer):
                     cache = random_like_state(model.allocate_cache(batch, c + horizon, device, dtype))
 
                     def rollout(model=model, cache=cache, c=c):
@@ -205,8 +195,11 @@ def main() -> None:
                                 model(xs[t][:, None], cache, position=c + t)
                         return cache
 
-                else:
-                    start_state = [0.1 * torch.randn(batch, d, device=device) for _ in range(n_layers)]
+                else:  # recurrent: Mamba-2 / Mamba-1 stacks or the GRU, from a random state
+                    if isinstance(model, C.ResidualStack):
+                        start_state = random_like_state(model.allocate_state(batch, device, dtype))
+                    else:
+                        start_state = [0.1 * torch.randn(batch, d, device=device) for _ in range(n_layers)]
 
                     def rollout(model=model, start_state=start_state):
                         state = start_state
