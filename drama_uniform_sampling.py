@@ -43,6 +43,9 @@ class Args:
     """where to train: `auto` takes CUDA when available, else the CPU"""
     torch_threads: int = 0
     """CPU threads for torch (0: torch's default, one per physical core)"""
+    compile: bool = False
+    """if toggled, `torch.compile` the imagination step (1.5x faster rollout on CPU after a one-time ~20 s compile;
+    needs a C++ compiler on CPU, e.g. `apt-get install g++`)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "drama"
@@ -231,7 +234,13 @@ class Encoder(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """obs (N, 64, 64, 3) uint8 -> features (N, 1024)."""
         x = obs.permute(0, 3, 1, 2).float().div(255)  # (N, 3, 64, 64), channels_last in memory: no copy
-        return self.net(x).flatten(1)  # (N, 1024)
+        if self.training:
+            return self.net(x).flatten(1)  # (N, 1024)
+        for conv, norm in zip(self.net[0::3], self.net[1::3], strict=True):  # eval: BatchNorm folded into the conv
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)  # (C_out,)
+            bias = (conv.bias - norm.running_mean) * scale + norm.bias
+            x = F.silu(F.conv2d(x, conv.weight * scale[:, None, None, None], bias, conv.stride, conv.padding))
+        return x.flatten(1)  # (N, 1024)
 
 
 class Decoder(nn.Module):
@@ -265,9 +274,15 @@ def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
 
 
 def sample_latent(probs: torch.Tensor) -> torch.Tensor:
-    """One-hot sample with straight-through gradients (Bengio et al., 2013): (..., 32, 32) -> (..., 1024)."""
-    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1)  # (N * 32, 1)
-    onehot = torch.zeros_like(probs).view(-1, probs.shape[-1]).scatter_(1, index, 1.0).view_as(probs)
+    """One-hot sample with straight-through gradients (Bengio et al., 2013): (..., 32, 32) -> (..., 1024).
+
+    Inverse-CDF sampling: the class is the number of cumulative probabilities below u ~ U(0, 1) (on CPU ~5x
+    faster than torch.multinomial, which the imagination rollout calls 16 times per update).
+    """
+    cdf = probs.detach().float().cumsum(-1)  # (..., 32, 32)
+    u = torch.rand(*probs.shape[:-1], 1, device=probs.device)  # (..., 32, 1)
+    index = (cdf < u).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)  # (..., 32, 1)
+    onehot = torch.zeros_like(probs).scatter_(-1, index, 1.0)  # (..., 32, 32)
     return (onehot + probs - probs.detach()).flatten(-2)  # (..., 1024)
 
 
@@ -423,7 +438,7 @@ class Mamba2(nn.Module):
         x = x.view(-1, self.nheads, self.headdim)  # (B, H, P)
         dt = F.softplus(dt + self.dt_bias)  # (B, H)
         decay = torch.exp(dt * -torch.exp(self.A_log.float()))  # (B, H)
-        ssm_state = ssm_state * decay[..., None, None] + (dt[..., None] * x)[..., None] * B[:, None, None, :]
+        ssm_state = (ssm_state * decay[..., None, None]).addcmul_((dt[..., None] * x)[..., None], B[:, None, None, :])
         y = (ssm_state @ C[:, None, :, None]).squeeze(-1) + x * self.D[:, None]  # (B, H, P)
         return self.out_proj(self.norm(y.reshape(-1, self.d_inner), z)), (conv_state, ssm_state)
 
@@ -834,15 +849,23 @@ class ReplayBuffer:
         """Uniform over the valid starts [0, size - imagine_context_length]."""
         return rng.integers(0, self.size - args.imagine_context_length + 1, size=args.imagine_batch_size)
 
-    def sequences(self, starts: np.ndarray, length: int, device) -> dict[str, torch.Tensor]:
-        """Steps [start, start + length) of each start -> tensors (B, length, ...)."""
+    def sequences(self, starts: np.ndarray, length: int, device, distinct_frames: bool = False):
+        """Steps [start, start + length) of each start -> tensors (B, length, ...).
+
+        With `distinct_frames`, "obs" is replaced by "frames" (U, 64, 64, 3), each distinct frame once, and
+        "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
+        """
         index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
         batch = {
-            "obs": self.obs[index],
             "actions": self.actions[index],
             "rewards": self.rewards[index],
             "terminations": self.terminations[index],
         }
+        if distinct_frames:
+            distinct, inverse = np.unique(index, return_inverse=True)
+            batch["frames"], batch["frame_index"] = self.obs[distinct], inverse.reshape(index.shape)
+        else:
+            batch["obs"] = self.obs[index]
         pin = torch.device(device).type == "cuda"
         return {
             k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=True)
@@ -853,27 +876,34 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------------------
 # Imagination (paper 2.3): 8 real context steps, then 16 steps in the world model under the policy
 # ----------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def imagine(world_model: WorldModel, actor_critic: ActorCritic, obs, actions, horizon: int):
-    """obs (B, C, 64, 64, 3), actions (B, C) -> features (B, H+1, 1536), actions, rewards, continuations (B, H).
+def imagine_step(world_model: WorldModel, actor_critic: ActorCritic, z, h, state):
+    """s_i = (z_i (B, 1024), h_i (B, 512)) -> a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1})."""
+    action = actor_critic.act(torch.cat([z, h], -1))  # (B,)
+    h, state = world_model.dynamics.step(z, action, state)  # (B, 512)
+    return sample_latent(world_model.prior(h)), h, state, action
 
-    s_0 = (z_0 ~ prior(h_ctx), h_ctx); for i < H: a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1}).
+
+@torch.no_grad()
+def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: int, step=imagine_step):
+    """Context frames (U, 64, 64, 3) picked by frame_index (B, C), actions (B, C) -> features (B, H+1, 1536),
+    actions, rewards, continuations (B, H).
+
+    s_0 = (z_0 ~ prior(h_ctx), h_ctx), then H calls of `step` (imagine_step, or its torch.compile'd version).
     The reward and continuation of a_i are read from h_{i+1}, the state after a_i.
     """
-    z = sample_latent(world_model.posterior(obs))  # (B, C, 1024)
+    z = sample_latent(world_model.posterior(frames)[frame_index])  # (B, C, 1024)
     h, state = world_model.dynamics(z, actions)  # (B, C, 512)
     h = h[:, -1]  # (B, 512)
     z = sample_latent(world_model.prior(h))  # (B, 1024)
-    features, taken, rewards, continuations = [torch.cat([z, h], -1)], [], [], []
+    zs, hs, taken = [z], [h], []
     for _ in range(horizon):
-        action = actor_critic.act(features[-1])  # (B,)
-        h, state = world_model.dynamics.step(z, action, state)  # (B, 512)
-        z = sample_latent(world_model.prior(h))  # (B, 1024)
-        features.append(torch.cat([z, h], -1))
+        z, h, state, action = step(world_model, actor_critic, z, h, state)
+        zs.append(z)
+        hs.append(h)
         taken.append(action)
-        rewards.append(world_model.reward(h))
-        continuations.append(world_model.continuation(h))
-    return (torch.stack(features, 1), torch.stack(taken, 1), torch.stack(rewards, 1), torch.stack(continuations, 1))
+    h = torch.stack(hs, 1)  # (B, H+1, 512)
+    rewards, continuations = world_model.reward(h[:, 1:]), world_model.continuation(h[:, 1:])  # (B, H)
+    return torch.cat([torch.stack(zs, 1), h], -1), torch.stack(taken, 1), rewards, continuations
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -893,13 +923,19 @@ def train_world_model(agent, optimizer, scheduler, buffer, args, rng, device, au
     return metrics
 
 
-def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, autocast):
+def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, autocast, step=imagine_step):
     starts = buffer.sample_imagination_starts(args, rng)
-    batch = buffer.sequences(starts, args.imagine_context_length, device)
+    batch = buffer.sequences(starts, args.imagine_context_length, device, distinct_frames=True)
     agent.world_model.eval()
     with autocast:
         features, actions, rewards, continuations = imagine(
-            agent.world_model, agent.actor_critic, batch["obs"], batch["actions"], args.imagine_horizon
+            agent.world_model,
+            agent.actor_critic,
+            batch["frames"],
+            batch["frame_index"],
+            batch["actions"],
+            args.imagine_horizon,
+            step,
         )
     features = features.float()
     agent.actor_critic.norm.update(features.flatten(0, 1))
@@ -1099,6 +1135,7 @@ def main(args: Args) -> None:
     counts = agent.world_model.parameter_counts()
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     print(f"run {run_name} on {device}: TensorBoard logs and the agent go to {run_dir}", flush=True)
+    imagination_step = torch.compile(imagine_step) if args.compile else imagine_step  # compiles on first use
     wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
     ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)
     training = dict(
@@ -1141,7 +1178,9 @@ def main(args: Args) -> None:
                 training["update_budget"] -= 1
                 training["updates"] += 1
                 metrics = train_world_model(agent, wm_optimizer, wm_scheduler, buffer, args, rng, device, autocast)
-                metrics |= train_actor_critic(agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast)
+                metrics |= train_actor_critic(
+                    agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast, imagination_step
+                )
                 if training["updates"] % args.log_every == 0:
                     for key, value in metrics.items():
                         writer.add_scalar(f"losses/{key}", float(value.detach()), global_step)

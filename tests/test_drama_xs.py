@@ -624,8 +624,8 @@ class StubWorldModel:
     def __init__(self):
         self.dynamics = StubDynamics()
 
-    def posterior(self, obs):  # (B, C, ...) -> (B, C, CATS, CLASSES)
-        return onehot_probs(torch.zeros(*obs.shape[:2], CATS))
+    def posterior(self, frames):  # (U, ...) -> (U, CATS, CLASSES)
+        return onehot_probs(torch.zeros(len(frames), CATS))
 
     def prior(self, h):  # the latent after action a is (a, t) mod CLASSES
         return onehot_probs(torch.stack([h[..., 0], h[..., 1]], -1))
@@ -650,9 +650,12 @@ class StubActorCritic:
 def test_imagine_pairs_each_action_with_the_state_after_it(mod):
     world_model, actor_critic = StubWorldModel(), StubActorCritic()
     batch, context, horizon = 5, 4, 6
-    obs = torch.zeros(batch, context, 8, 8, 3, dtype=torch.uint8)
+    frames = torch.zeros(batch * context, 8, 8, 3, dtype=torch.uint8)
+    frame_index = torch.arange(batch * context).view(batch, context)
     context_actions = torch.zeros(batch, context, dtype=torch.long)
-    features, actions, rewards, continuations = mod.imagine(world_model, actor_critic, obs, context_actions, horizon)
+    features, actions, rewards, continuations = mod.imagine(
+        world_model, actor_critic, frames, frame_index, context_actions, horizon
+    )
     latent = CATS * CLASSES
     assert features.shape == (batch, horizon + 1, latent + H_DIM)
     assert actions.shape == rewards.shape == continuations.shape == (batch, horizon)
@@ -686,11 +689,14 @@ def test_imagine_with_a_real_world_model_matches_one_forward_pass(mod):
     actor_critic = mod.ActorCritic(args, 16 + 32, 5)
     batch, context, horizon = 3, 4, 5
     g = torch.Generator().manual_seed(1)
-    obs = torch.randint(0, 256, (batch, context, 64, 64, 3), dtype=torch.uint8, generator=g)
+    frames = torch.randint(0, 256, (batch * context, 64, 64, 3), dtype=torch.uint8, generator=g)
+    frame_index = torch.arange(batch * context).view(batch, context)
     z_context_index = torch.randint(0, 4, (batch, context, 4), generator=g)
-    world_model.posterior = lambda o: F.one_hot(z_context_index, 4).float()  # deterministic context latents
+    world_model.posterior = lambda f: F.one_hot(z_context_index.flatten(0, 1), 4).float()  # deterministic latents
     context_actions = torch.randint(0, 5, (batch, context), generator=g)
-    features, actions, rewards, continuations = mod.imagine(world_model, actor_critic, obs, context_actions, horizon)
+    features, actions, rewards, continuations = mod.imagine(
+        world_model, actor_critic, frames, frame_index, context_actions, horizon
+    )
     assert features.shape == (batch, horizon + 1, 16 + 32)
     z = torch.cat([F.one_hot(z_context_index, 4).float().flatten(-2), features[:, :horizon, :16]], 1)
     h, _ = world_model.dynamics(z, torch.cat([context_actions, actions], 1))  # (B, C + H, 32)
@@ -699,6 +705,90 @@ def test_imagine_with_a_real_world_model_matches_one_forward_pass(mod):
     torch.testing.assert_close(rewards, world_model.reward(h[:, context:]), **tol)
     torch.testing.assert_close(continuations, world_model.continuation(h[:, context:]))
     assert (rewards - world_model.reward(h[:, context - 1 : -1])).abs().max() > 1e-3  # one step early differs
+
+
+def test_imagine_from_distinct_frames_equals_imagine_from_every_frame(mod):
+    """Encoding each distinct context frame once (overlapping starts) gives the imagination of encoding all."""
+    args = tiny_args(mod, imagine_context_length=4)
+    torch.manual_seed(0)
+    world_model = mod.WorldModel(args, 5).eval()
+    perturb(world_model, 0.3)
+    actor_critic = mod.ActorCritic(args, 16 + 32, 5)
+    rng = np.random.default_rng(0)
+    buffer = mod.ReplayBuffer(20)
+    for i in range(12):
+        buffer.add(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % 5, 0.0, False, i == 0)
+    starts = np.array([0, 2, 2, 5, 8, 7])  # overlapping windows: 12 distinct frames of 24
+    distinct = buffer.sequences(starts, 4, "cpu", distinct_frames=True)
+    every = buffer.sequences(starts, 4, "cpu")
+    assert len(distinct["frames"]) == 12 and "obs" not in distinct
+    assert torch.equal(distinct["frames"][distinct["frame_index"]], every["obs"])
+    for key in ("actions", "rewards", "terminations"):
+        assert torch.equal(distinct[key], every[key])
+    results = []
+    for frames, frame_index in [
+        (distinct["frames"], distinct["frame_index"]),
+        (every["obs"].flatten(0, 1), torch.arange(24).view(6, 4)),
+    ]:
+        torch.manual_seed(1)
+        results.append(mod.imagine(world_model, actor_critic, frames, frame_index, every["actions"], 3))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_imagination_step_matches_eager(mod):
+    """--compile: imagine with torch.compile(imagine_step) imagines what the eager step does."""
+    args = tiny_args(mod)
+    torch.manual_seed(0)
+    world_model = mod.WorldModel(args, 5).eval()
+    perturb(world_model, 0.3)
+    actor_critic = mod.ActorCritic(args, 16 + 32, 5)
+    frames = torch.randint(0, 256, (12, 64, 64, 3), dtype=torch.uint8)
+    frame_index, context_actions = torch.arange(12).view(3, 4), torch.randint(0, 5, (3, 4))
+    results = []
+    with torch._inductor.config.patch(fallback_random=True):  # the compiled step draws eager's random numbers
+        for step in (mod.imagine_step, torch.compile(mod.imagine_step)):
+            torch.manual_seed(1)
+            results.append(mod.imagine(world_model, actor_critic, frames, frame_index, context_actions, 5, step))
+    torch._dynamo.reset()
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_encoder_folds_batchnorm_into_the_conv(mod):
+    """In eval mode the encoder folds BatchNorm's running statistics into the conv: same output, one pass less."""
+    args = tiny_args(mod)
+    torch.manual_seed(0)
+    encoder = mod.WorldModel(args, 5).encoder.eval()
+    with torch.no_grad():
+        for norm in encoder.net[1::3]:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.normal_()
+            norm.bias.normal_()
+    obs = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    expected = encoder.net(obs.permute(0, 3, 1, 2).float() / 255).flatten(1)  # the unfolded layers
+    torch.testing.assert_close(encoder(obs), expected, rtol=1e-4, atol=1e-4)
+    encoder.train()
+    assert not torch.allclose(encoder(obs), expected, atol=1e-2)  # training mode normalises with batch statistics
+
+
+def test_sample_latent_frequencies_and_straight_through_gradient(mod):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 32, generator=g) * 2
+    logits[0, :31] = -30.0  # almost all mass on the last class: the inverse CDF must still reach it
+    probs = mod.unimix_probs(logits[None].expand(20000, 4, 32).contiguous())  # (N, 4, 32)
+    probs.requires_grad_(True)
+    torch.manual_seed(0)
+    z = mod.sample_latent(probs).view(20000, 4, 32)
+    onehot = z.detach().round()
+    torch.testing.assert_close(z.detach(), onehot)  # one-hot forward (+ probs - probs)
+    assert torch.equal(onehot.sum(-1), torch.ones(20000, 4))
+    frequencies = onehot.mean(0)  # (4, 32)
+    standard_error = (probs[0] * (1 - probs[0]) / 20000).sqrt()
+    assert ((frequencies - probs[0].detach()).abs() < 5 * standard_error + 1e-4).all()
+    (z * torch.arange(4 * 32.0).view(4, 32)).sum().backward()
+    torch.testing.assert_close(probs.grad, torch.arange(4 * 32.0).view(4, 32).expand(20000, 4, 32))
 
 
 # ==========================================================================================================
@@ -1174,6 +1264,13 @@ def test_end_to_end_training_run(variant, tmp_path):
     with safe_open(str(run_dir / "agent.safetensors"), "pt") as f:
         assert f.metadata()["variant"] == variant and f.metadata()["action_dim"] == "6"
     assert not (run_dir / "agent.safetensors.tmp").exists()
+
+
+def test_end_to_end_training_run_compiled(tmp_path):
+    result = run_script("drama_xs", [*TINY_FLAGS, "--compile"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 50/50" in result.stdout
+    assert len(list((tmp_path / "runs" / "ALE").glob("*/agent.safetensors"))) == 1
 
 
 BAD_FLAGS = [(["--batch-size", "-1"], "--batch-size"), (["--env-id", "ALE/Krul-v5"], "Krull")]
