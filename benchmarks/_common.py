@@ -79,8 +79,9 @@ def machine_info(device: torch.device, bf16: bool = False) -> str:
         f"- precision: {'bf16 autocast' if bf16 else 'fp32'}",
     ]
     with contextlib.suppress(OSError), open("/proc/loadavg") as f:
-        load = f.read().split()[0]
-        lines.append(f"- load average at start (1 min): {load} (above the thread count: the machine is shared/busy)")
+        load = float(f.read().split()[0])
+        busy = " (above 0.5: other processes share this machine, timings are noisy)" if load > 0.5 else " (idle)"
+        lines.append(f"- load average at start (1 min): {load:.2f}{busy}")
     return "\n".join(lines)
 
 
