@@ -7,7 +7,6 @@ sys.path). The repository root is added to sys.path here so that the scripts can
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import math
 import os
 import platform
@@ -20,7 +19,6 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-MAMBA1_DRAFT = "/work/scratch/mamba1_mixer.py"
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +78,7 @@ def machine_info(device: torch.device, bf16: bool = False) -> str:
     ]
     with contextlib.suppress(OSError), open("/proc/loadavg") as f:
         load = float(f.read().split()[0])
-        busy = " (above 0.5: other processes share this machine, timings are noisy)" if load > 0.5 else " (idle)"
+        busy = " (above 0.5: recent or current load from other processes, timings may be noisy)" if load > 0.5 else ""
         lines.append(f"- load average at start (1 min): {load:.2f}{busy}")
     return "\n".join(lines)
 
@@ -198,21 +196,11 @@ def load_variant(name: str):
 
 
 def load_mamba1():
-    """(Mamba1 class, where it came from) from drama_mamba1.py, else the scratch draft; (None, why) if neither."""
-    for name in ("drama_mamba1",):
-        module = load_variant(name)
-        if module is not None and hasattr(module, "Mamba1"):
-            return module.Mamba1, f"{name}.py"
-    if os.path.exists(MAMBA1_DRAFT):
-        spec = importlib.util.spec_from_file_location("mamba1_mixer_draft", MAMBA1_DRAFT)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as error:  # a draft being edited may not import: skip the row, say why
-            return None, f"the draft {MAMBA1_DRAFT} does not import ({type(error).__name__}: {error})"
-        if hasattr(module, "Mamba1"):
-            return module.Mamba1, MAMBA1_DRAFT
-    return None, f"neither drama_mamba1.py nor {MAMBA1_DRAFT} defines Mamba1"
+    """(Mamba1 class, "drama_mamba1.py"), or (None, why) when the script is missing."""
+    module = load_variant("drama_mamba1")
+    if module is None:
+        return None, "drama_mamba1.py is missing"
+    return module.Mamba1, "drama_mamba1.py"
 
 
 class ResidualStack(torch.nn.Module):

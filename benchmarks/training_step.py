@@ -107,7 +107,7 @@ def fill_buffer(module, steps: int, action_dim: int, rng: np.random.Generator):
     return buffer
 
 
-def instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases: Phases):
+def instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases: Phases, step=None):
     """One world-model + one actor-critic update: the steps of m.train_world_model and m.train_actor_critic."""
     wm_opt, wm_sched, ac_opt, ac_sched = optimizers
     wm, ac = agent.world_model, agent.actor_critic
@@ -135,7 +135,7 @@ def instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, 
     phases.sublabels = {"encoder": "img: context encode", "dynamics": "img: context dynamics"}
     with phases("img: imagine"), autocast():
         features, actions, rewards, continuations = m.imagine(
-            wm, ac, batch["frames"], batch["frame_index"], batch["actions"], a.imagine_horizon
+            wm, ac, batch["frames"], batch["frame_index"], batch["actions"], a.imagine_horizon, step or m.imagine_step
         )
     phases.sublabels = {}
     with phases("ac: loss (+ running norm)"):
@@ -291,11 +291,15 @@ def main() -> None:
     parser.add_argument("--total-timesteps", type=int, default=100_000, help="steps of the projected run")
     parser.add_argument("--no-extras", action="store_true", help="skip the memory-format and bf16 comparisons")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one update")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the imagination step, as drama_xs.py --compile"
+    )
     args = parser.parse_args()
     device = C.setup(args)
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")  # rms_norm under autocast
     scale = args.scale if args.scale is not None else (0.5 if args.quick else 1.0)
-    warmup = max(1, args.warmup or 1)  # at least one: the first (untimed) update counts the FLOPs
+    # at least one: the first (untimed) update counts the FLOPs; with --compile a second one compiles
+    warmup = max(2 if args.compile else 1, args.warmup or 1)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     extra_repeats = 1 if args.quick else 3
 
@@ -304,6 +308,9 @@ def main() -> None:
     print(
         f"- warm-up {warmup} update(s) (FLOPs counted on the first), median of {repeats}; extras: median of "
         f"{extra_repeats}"
+    )
+    print(
+        f"- imagination step: {'torch.compile (the FLOP-counting update runs it eager)' if args.compile else 'eager'}"
     )
     print(flush=True)
 
@@ -363,11 +370,12 @@ def run_variant(name, m, args, device, scale, warmup, repeats, peak, env_seconds
     for key in ("encoder", "decoder", "dynamics"):
         hooks += phases.hook(getattr(agent.world_model, key), key)
     runs, flops = [], {}
+    step = torch.compile(m.imagine_step) if args.compile else m.imagine_step  # the first update runs eager
     for i in range(warmup + repeats):
         phases.count_flops = i == 0
         phases.seconds.clear()
         start = time.perf_counter()
-        instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases)
+        instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases, step if i else None)
         note = " (warm-up, counting FLOPs)" if i == 0 else " (warm-up)" if i < warmup else ""
         print(f"  update {i + 1}/{warmup + repeats}: {time.perf_counter() - start:.1f} s{note}", flush=True)
         if i == 0:
@@ -385,7 +393,7 @@ def run_variant(name, m, args, device, scale, warmup, repeats, peak, env_seconds
     # the real functions, un-instrumented, as a check of the sum of the phases
     def real_update():
         m.train_world_model(agent, optimizers[0], optimizers[1], buffer, a, rng, device, autocast())
-        m.train_actor_critic(agent, optimizers[2], optimizers[3], buffer, a, rng, device, autocast())
+        m.train_actor_critic(agent, optimizers[2], optimizers[3], buffer, a, rng, device, autocast(), step)
 
     check = not args.quick or repeats > 1  # --quick checks the first variant only
     real_time = C.median(C.measure(real_update, device, 0, 1 if args.quick else 2)) if check else None
