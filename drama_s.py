@@ -44,7 +44,7 @@ class Args:
     torch_threads: int = 0
     """CPU threads for torch (0: torch's default, one per physical core)"""
     compile: bool = False
-    """if toggled, `torch.compile` the imagination step (1.5x faster rollout on CPU after a one-time ~20 s compile;
+    """if toggled, `torch.compile` the imagination step (1.3x faster rollout on CPU after a one-time 5-20 s compile;
     needs a C++ compiler on CPU, e.g. `apt-get install g++`)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""

@@ -7,9 +7,10 @@ What it measures
     (the cost does not depend on the pixels). Phases:
       world model: sample batch (DFS + gather), encode, decode, dynamics, heads + losses + latent sampling (the rest
         of WorldModel.loss), backward, optimiser (grad clip + LaProp + schedule);
-      actor-critic: sample batch, imagination = context encode (8 frames per start) + context dynamics (one chunked
-        pass) + rollout (16 recurrent steps with actor, prior, sampling and heads), loss (incl. the running input
-        norm), backward, optimiser (clip + LaProp + schedule + slow critic).
+      actor-critic: sample batch, imagination = context encode (8 frames per start, each distinct frame once: the
+        share depends on the buffer size, --buffer-steps) + context dynamics (one chunked pass) + rollout (16
+        recurrent steps with actor, prior, sampling and heads), loss (incl. the running input norm), backward,
+        optimiser (clip + LaProp + schedule + slow critic). --compile runs the rollout steps torch.compile'd.
     The instrumented update calls the same module methods in the same order as drama_xs.train_world_model and
     train_actor_critic; encode/decode/dynamics are timed with forward hooks on the modules (with device syncs).
     An un-instrumented call of the real train_world_model + train_actor_critic is timed as a check.

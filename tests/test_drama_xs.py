@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import runpy
+import shutil
 import subprocess
 import sys
 from collections import deque
@@ -736,6 +737,12 @@ def test_imagine_from_distinct_frames_equals_imagine_from_every_frame(mod):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+NEEDS_COMPILER = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
+
+
+@NEEDS_COMPILER
 def test_compiled_imagination_step_matches_eager(mod):
     """--compile: imagine with torch.compile(imagine_step) imagines what the eager step does."""
     args = tiny_args(mod)
@@ -1266,6 +1273,7 @@ def test_end_to_end_training_run(variant, tmp_path):
     assert not (run_dir / "agent.safetensors.tmp").exists()
 
 
+@NEEDS_COMPILER
 def test_end_to_end_training_run_compiled(tmp_path):
     result = run_script("drama_xs", [*TINY_FLAGS, "--compile"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
