@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections import deque
@@ -1098,6 +1099,8 @@ def main(args: Args) -> None:
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     device = resolve_device(args.device)
+    if args.compile and device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)

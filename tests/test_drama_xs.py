@@ -1298,6 +1298,18 @@ def test_bad_flags_exit_with_one_line_error(variant, flags, words, tmp_path, mon
     assert not (tmp_path / "runs").exists()  # nothing written before the check
 
 
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys, "argv", ["drama_xs.py", "--compile", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "drama_xs.py"), run_name="__main__")
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("error:") and "\n" not in message
+    assert "--compile" in message and "g++" in message
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("flags, words", BAD_FLAGS, ids=["negative-batch", "typo-env"])
 def test_bad_flags_subprocess_stderr(flags, words, tmp_path):
     result = run_script("drama_xs", flags, tmp_path)
