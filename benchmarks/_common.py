@@ -21,14 +21,16 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(parser: argparse.ArgumentParser, timing: bool = True) -> None:
+    """The flags every benchmark takes; `timing` adds --bf16, --warmup and --repeats (scripts that use them)."""
     parser.add_argument("--quick", action="store_true", help="smaller sweep and fewer repeats (< 10 min on 2 cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--bf16", action="store_true", help="run the models under bf16 autocast")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing")
-    parser.add_argument("--repeats", type=int, default=None, help="timed iterations; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
+    if timing:
+        parser.add_argument("--bf16", action="store_true", help="run the models under bf16 autocast")
+        parser.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing")
+        parser.add_argument("--repeats", type=int, default=None, help="timed iterations; the median is reported")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -102,18 +104,21 @@ def measure(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def measure_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+def measure_interleaved(
+    fns: dict, device: torch.device, warmup: int, repeats: int, alternate: bool = False
+) -> dict[str, list[float]]:
     """Like `measure` for several functions, timed round-robin (one run of each per repeat), so that a load spike
-    on a shared machine hits all of them alike instead of one function's whole block of repeats."""
+    on a shared machine hits all of them alike instead of one function's whole block of repeats. With `alternate`,
+    every other round runs them in reverse order (a drift within a round then favours none of them)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in list(fns)[::-1] if alternate and r % 2 else fns:
             sync(device)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
     return times
@@ -195,12 +200,14 @@ def load_variant(name: str):
     return importlib.import_module(name)
 
 
-def load_mamba1():
-    """(Mamba1 class, "drama_mamba1.py"), or (None, why) when the script is missing."""
-    module = load_variant("drama_mamba1")
-    if module is None:
-        return None, "drama_mamba1.py is missing"
-    return module.Mamba1, "drama_mamba1.py"
+def mamba_stacks(d_model: int, n_layers: int) -> tuple[dict[str, "ResidualStack"], list[str]]:
+    """{"Mamba-2": ..., "Mamba-1": ...} stacks with the paper's mixer settings, and notes (a missing Mamba-1)."""
+    drama_xs, drama_mamba1 = load_variant("drama_xs"), load_variant("drama_mamba1")
+    models = {"Mamba-2": ResidualStack(lambda: drama_xs.Mamba2(d_model, 16, 4, 2, 128, 64), d_model, n_layers)}
+    if drama_mamba1 is None:
+        return models, ["Mamba-1 row skipped: drama_mamba1.py is missing"]
+    models["Mamba-1"] = ResidualStack(lambda: drama_mamba1.Mamba1(d_model, 16, 4, 2), d_model, n_layers)
+    return models, ["Mamba-1 mixer from drama_mamba1.py"]
 
 
 class ResidualStack(torch.nn.Module):
@@ -216,11 +223,11 @@ class ResidualStack(torch.nn.Module):
         self.mixers = torch.nn.ModuleList(make_mixer() for _ in range(n_layers))
         self.norm = torch.nn.RMSNorm(d_model, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, states=None):
-        """x (B, L, D) -> y (B, L, D); with `states` (one per block) continue from them."""
+    def forward(self, x: torch.Tensor):
+        """x (B, L, D) -> y (B, L, D), the states after the last token (one per block)."""
         new_states = []
-        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers, strict=True)):
-            y, state = mixer(norm(x), None if states is None else states[i])
+        for norm, mixer in zip(self.norms, self.mixers, strict=True):
+            y, state = mixer(norm(x))
             x = x + y
             new_states.append(state)
         return self.norm(x), new_states

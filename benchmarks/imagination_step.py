@@ -6,7 +6,7 @@ What it measures
     c in 8, 32, 128, 512, averaged over a rollout of --horizon (16) steps that starts after the context:
       - Mamba-2: 2 pre-norm blocks of drama_xs.Mamba2 (d_model 512, d_state 16, d_conv 4, expand 2, headdim 128)
         advanced by `step` on its (conv_state, ssm_state): its cost does not depend on c.
-      - Mamba-1: the same blocks with the Mamba1 mixer of drama_mamba1.py (or its scratch draft), if present.
+      - Mamba-1: the same blocks with the Mamba1 mixer of drama_mamba1.py, if present.
       - Transformer + KV cache: a minimal 2-layer pre-norm causal transformer (width 512, 8 heads, feed-forward
         1024, as STORM) whose step appends the new key/value to a preallocated cache and attends over the
         c context keys plus the keys generated so far (scaled_dot_product_attention).
@@ -155,13 +155,7 @@ def main() -> None:
     d, n_layers, horizon = 512, 2, args.horizon
 
     drama_xs = C.load_variant("drama_xs")
-    models, notes = {"Mamba-2": C.ResidualStack(lambda: drama_xs.Mamba2(d, 16, 4, 2, 128, 64), d, n_layers)}, []
-    Mamba1, source = C.load_mamba1()
-    if Mamba1 is not None:
-        models["Mamba-1"] = C.ResidualStack(lambda: Mamba1(d, 16, 4, 2), d, n_layers)
-        notes.append(f"Mamba-1 mixer from {source}")
-    else:
-        notes.append(f"Mamba-1 row skipped: {source}")
+    models, notes = C.mamba_stacks(d, n_layers)
     models["Transformer-KV"] = KVCachedTransformer(d, n_layers, 8, 2 * d)
     models["GRU"] = GRUStack(d, n_layers)
     for model in models.values():
@@ -210,7 +204,7 @@ def main() -> None:
 
                 rollouts[name] = rollout
 
-            # drama_xs: the body of one step of drama_xs.imagine (actor, dynamics step, prior, sample, heads)
+            # drama_xs: drama_xs.imagine_step (actor, dynamics step, prior, sample) and the reward/termination heads
             h0 = torch.randn(batch, d, device=device)
             z0 = drama_xs.sample_latent(wm.prior(h0))
             state0 = random_like_state(wm.dynamics.allocate_state(batch, device, dtype))
@@ -218,9 +212,7 @@ def main() -> None:
             def drama_rollout(z=z0, h=h0, state=state0):
                 with C.autocast(device, args.bf16):
                     for _ in range(horizon):
-                        action = ac.act(torch.cat([z, h], -1))
-                        h, state = wm.dynamics.step(z, action, state)
-                        z = drama_xs.sample_latent(wm.prior(h))
+                        z, h, state, _ = drama_xs.imagine_step(wm, ac, z, h, state)
                         wm.reward(h), wm.continuation(h)
                 return state
 

@@ -7,8 +7,8 @@ What it measures
       - Mamba-2: drama_xs.Mamba2 with the paper's settings (d_state 16, d_conv 4, expand 2, headdim 128, chunk 64),
         in 2 pre-norm residual blocks (x + mixer(RMSNorm(x))) and a final RMSNorm, as drama_xs.Dynamics.
         On CUDA with mamba_ssm installed its scan is mamba_ssm's fused kernel, otherwise the pure-PyTorch SSD.
-      - Mamba-1: the pure-PyTorch selective-scan mixer Mamba1(512, 16, 4, 2) of drama_mamba1.py (or its draft in
-        /work/scratch/mamba1_mixer.py), in the same blocks. Skipped with a note when neither exists.
+      - Mamba-1: the pure-PyTorch selective-scan mixer Mamba1(512, 16, 4, 2) of drama_mamba1.py, in the same
+        blocks. Skipped with a note when drama_mamba1.py is missing.
       - GRU: torch.nn.GRU(512, 512, num_layers=2).
       - Transformer: 2 x torch.nn.TransformerEncoderLayer(d_model 512, 8 heads, feed-forward 1024 (STORM's 2x),
         ReLU, pre-norm, no dropout) with a causal mask (scaled-dot-product attention with is_causal).
@@ -67,17 +67,8 @@ def output(out) -> torch.Tensor:
 
 
 def build_models(args) -> tuple[dict[str, nn.Module], list[str]]:
-    drama_xs = C.load_variant("drama_xs")
-    d, n, notes = args.width, args.layers, []
-    models = {
-        "Mamba-2": C.ResidualStack(lambda: drama_xs.Mamba2(d, 16, 4, 2, 128, 64), d, n),
-    }
-    Mamba1, source = C.load_mamba1()
-    if Mamba1 is not None:
-        models["Mamba-1"] = C.ResidualStack(lambda: Mamba1(d, 16, 4, 2), d, n)
-        notes.append(f"Mamba-1 mixer from {source}")
-    else:
-        notes.append(f"Mamba-1 row skipped: {source}")
+    d, n = args.width, args.layers
+    models, notes = C.mamba_stacks(d, n)
     models["GRU"] = GRUModel(d, n)
     models["Transformer"] = CausalTransformer(d, n, 8, 2 * d)
     wanted = [m.strip() for m in args.mixers.split(",")] if args.mixers else list(models)
@@ -123,7 +114,7 @@ def main() -> None:
                     y = output(model(x))
                 y.float().square().mean().backward()
 
-            times[name][length] = saved[name][length] = None
+            times[name][length] = saved[name][length] = peak[name][length] = None
             try:  # the memory pass first (it is also a warm-up); models that run out of memory are not timed
                 model.zero_grad(set_to_none=True)
                 with C.SavedTensorBytes(exclude=list(model.parameters())) as counter, C.autocast(device, args.bf16):

@@ -16,7 +16,7 @@ What it measures
     from minute to minute, and a ratio within one round is far steadier than two medians taken minutes apart.
 
 How to run (from the repository root)
-    python benchmarks/speedups.py --quick          # half the paper's batch for the whole update, 2 rounds (~8 min)
+    python benchmarks/speedups.py --quick          # half the paper's batch for the whole update, 2 rounds (~3.5 min)
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/speedups.py
 """
 
@@ -89,23 +89,12 @@ def before():
 # ----------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------
-def paired(fns: dict, device, rounds: int, warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+def paired(fns: dict, device, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds of each fn, and the median over rounds of (first fn's time / this fn's time) in a round."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            C.sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            C.sync(device)
-            times[name].append(time.perf_counter() - start)
-    base = names[0]
-    ratios = {n: C.median([b / t for b, t in zip(times[base], times[n], strict=True)]) for n in names}
-    return {n: C.median(times[n]) for n in names}, ratios
+    times = C.measure_interleaved(fns, device, 1, rounds, alternate=True)
+    base = times[next(iter(fns))]
+    ratios = {n: C.median([b / t for b, t in zip(base, times[n], strict=True)]) for n in fns}
+    return {n: C.median(times[n]) for n in fns}, ratios
 
 
 def component_rows(agent, device, rounds: int, batch: int) -> list[list]:
@@ -194,14 +183,7 @@ def update_rows(args, device, scale: float, rounds: int) -> tuple[list[list], st
     for name in ("before", "now", "now + --compile"):
         torch.manual_seed(args.seed)
         rng = np.random.default_rng(args.seed)
-        a = m.Args()
-        a.batch_size = max(1, round(a.batch_size * scale))
-        a.imagine_batch_size = max(1, round(a.imagine_batch_size * scale))
-        agent = m.Agent(a, 6).to(device)
-        optimizers = (
-            *m.make_optimizer(agent.world_model.parameters(), a.wm_lr, a.warmup_updates),
-            *m.make_optimizer(agent.actor_critic.parameters(), a.ac_lr, a.warmup_updates),
-        )
+        a, agent, optimizers = training_step.make_agent(m, scale, 6, device)
         buffer = training_step.fill_buffer(m, args.buffer_steps, 6, rng)
         step = torch.compile(m.imagine_step) if "compile" in name else m.imagine_step
         setups[name] = (a, agent, optimizers, buffer, rng, step)
@@ -211,9 +193,7 @@ def update_rows(args, device, scale: float, rounds: int) -> tuple[list[list], st
     def update(name):
         a, agent, optimizers, buffer, rng, step = setups[name]
         phases = training_step.Phases(device)
-        hooks = []
-        for key in ("encoder", "decoder", "dynamics"):
-            hooks += phases.hook(getattr(agent.world_model, key), key)
+        hooks = phases.hook_world_model(agent.world_model)
         autocast = contextlib.nullcontext
         with before() if name == "before" else contextlib.nullcontext():
             training_step.instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases, step)
@@ -258,7 +238,7 @@ def update_rows(args, device, scale: float, rounds: int) -> tuple[list[list], st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(parser)
+    C.add_common_args(parser, timing=False)
     parser.add_argument("--scale", type=float, default=None, help="batch fraction (default 1, --quick 0.5)")
     parser.add_argument("--buffer-steps", type=int, default=25000, help="random steps in the replay buffer")
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds (default 3, --quick 2)")

@@ -15,8 +15,9 @@ What it measures
     train_actor_critic; encode/decode/dynamics are timed with forward hooks on the modules (with device syncs).
     An un-instrumented call of the real train_world_model + train_actor_critic is timed as a check.
     FLOPs: torch.utils.flop_counter.FlopCounterMode over the warm-up update (matmuls, convolutions, attention; not
-    elementwise ops), per phase. Peak: the same script measures fp32 and bf16 2048x2048 matmuls and the FLOP-heaviest
-    conv layer of the encoder (fp32, channels_last), so achieved GFLOP/s can be compared with this machine.
+    elementwise ops), per phase. Peak: the same script measures fp32 and bf16 matmuls (2048² on CPU, 8192² on
+    CUDA) and the FLOP-heaviest conv layer of the encoder (fp32, channels_last), so achieved GFLOP/s can be
+    compared with this machine.
     Acting: Agent.act on one frame with a full 16-step window; env: one step of the Atari100k env (ALE/Pong-v5),
     if ale-py and the ROMs are installed. Env steps/s at train_ratio 1 = 1 / (update + act + env step); the
     projection of a 100k-step run adds the 1032 random steps (env only).
@@ -98,6 +99,27 @@ class Phases:
                     self.flops[label] += self.counter.get_total_flops() - flops
 
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def hook_world_model(self, world_model: nn.Module) -> list:
+        """Hook the encoder, decoder and dynamics (timed inside the phases whose `sublabels` name them)."""
+        return [
+            handle
+            for key in ("encoder", "decoder", "dynamics")
+            for handle in self.hook(world_model.get_submodule(key), key)
+        ]
+
+
+def make_agent(m, scale: float, action_dim: int, device: torch.device):
+    """m.Args with both batches scaled, the agent, and (wm optimiser, wm schedule, ac optimiser, ac schedule)."""
+    a = m.Args()
+    a.batch_size = max(1, round(a.batch_size * scale))
+    a.imagine_batch_size = max(1, round(a.imagine_batch_size * scale))
+    agent = m.Agent(a, action_dim).to(device)
+    optimizers = (
+        *m.make_optimizer(agent.world_model.parameters(), a.wm_lr, a.warmup_updates),
+        *m.make_optimizer(agent.actor_critic.parameters(), a.ac_lr, a.warmup_updates),
+    )
+    return a, agent, optimizers
 
 
 def fill_buffer(module, steps: int, action_dim: int, rng: np.random.Generator):
@@ -202,8 +224,8 @@ def breakdown_rows(a, s: dict[str, float], f: dict[str, int], distinct: float) -
 def peak_benchmarks(device, encoder: nn.Module, repeats: int) -> list[tuple[str, float, float]]:
     """(name, GFLOP, seconds) of fp32/bf16 matmuls and the encoder's FLOP-heaviest conv layer.
 
-    The bf16 matmul is sized down (from 2048) until one call takes under a second: CPUs without AVX512-BF16/AMX
-    run bf16 matmuls tens of times slower than fp32.
+    On CPU the bf16 matmul starts at 512² and doubles (up to 2048²) while one call takes under 1/8 s: CPUs without
+    AVX512-BF16/AMX run bf16 matmuls tens of times slower than fp32.
     """
     results = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -348,14 +370,7 @@ def run_variant(name, m, args, device, scale, warmup, repeats, peak, env_seconds
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    a = m.Args()
-    a.batch_size = max(1, round(a.batch_size * scale))
-    a.imagine_batch_size = max(1, round(a.imagine_batch_size * scale))
-    agent = m.Agent(a, args.action_dim).to(device)
-    optimizers = (
-        *m.make_optimizer(agent.world_model.parameters(), a.wm_lr, a.warmup_updates),
-        *m.make_optimizer(agent.actor_critic.parameters(), a.ac_lr, a.warmup_updates),
-    )
+    a, agent, optimizers = make_agent(m, scale, args.action_dim, device)
     buffer = fill_buffer(m, max(args.buffer_steps, a.sequence_length + 1), args.action_dim, rng)
     counts = agent.world_model.parameter_counts()
     batch_note = "the paper's batch" if scale == 1 else f"batch scaled by {scale:g}; the paper's: 16 x 128, 1024"
@@ -366,10 +381,8 @@ def run_variant(name, m, args, device, scale, warmup, repeats, peak, env_seconds
         flush=True,
     )
 
-    hooks = []
-    phases = Phases(device, count_flops=True)
-    for key in ("encoder", "decoder", "dynamics"):
-        hooks += phases.hook(getattr(agent.world_model, key), key)
+    phases = Phases(device)
+    hooks = phases.hook_world_model(agent.world_model)
     runs, flops = [], {}
     step = torch.compile(m.imagine_step) if args.compile else m.imagine_step  # the first update runs eager
     for i in range(warmup + repeats):

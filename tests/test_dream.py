@@ -49,7 +49,6 @@ def trajectory(length: int, seed: int = 0):
 
 
 def test_dream_shapes_and_context(tiny_agent):
-    torch.set_num_threads(1)
     obs, actions, rewards = trajectory(12)
     tiny_agent.world_model.train()
     result = dr.dream(tiny_agent.world_model, obs, actions, rewards, context_length=4)

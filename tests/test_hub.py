@@ -67,14 +67,6 @@ def child_env(home: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """Hub offline with an empty cache of its own for every test."""

@@ -48,7 +48,7 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path):
     assert not all(torch.equal(halfway[k], final[k]) for k in halfway)  # it did train after resuming
 
 
-def make_training(tmp_path):
+def make_training():
     args = drama_xs.Args(d_model=32, headdim=16, encoder_filters=(4, 4, 4, 4, 4), stoch_categoricals=4,
                          stoch_classes=4, buffer_size=64)  # fmt: skip
     agent = drama_xs.Agent(args, 3)
@@ -66,7 +66,7 @@ def make_training(tmp_path):
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    training = make_training(tmp_path)
+    training = make_training()
     drama_xs.save_training_state(str(tmp_path), training)
     before = (tmp_path / "checkpoint.safetensors").read_bytes()
 
@@ -86,7 +86,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
 def test_bad_resume_paths_give_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
         drama_xs.read_training_state(str(tmp_path))
-    training = make_training(tmp_path)
+    training = make_training()
     drama_xs.save_training_state(str(tmp_path), training)
     path = tmp_path / "checkpoint.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
@@ -96,7 +96,7 @@ def test_bad_resume_paths_give_one_line_errors(tmp_path):
 
 
 def test_resume_with_another_variant_is_refused(tmp_path):
-    training = make_training(tmp_path)
+    training = make_training()
     drama_xs.save_training_state(str(tmp_path), training)
     result = subprocess.run(
         [sys.executable, str(ROOT / "drama_s.py"), "--resume", str(tmp_path)], capture_output=True, text=True

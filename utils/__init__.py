@@ -1,5 +1,6 @@
 """Shared helpers for the DRAMA scripts: Atari wrappers, evaluation, Hub push/pull, playing agents."""
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -9,6 +10,11 @@ class UserError(Exception):
 
     Scripts catch it and print its one-line message instead of a traceback.
     """
+
+
+def game_of(env_id: str) -> str:
+    """The game of an env id: ALE/Krull-v5, KrullNoFrameskip-v4 and Krull all give Krull."""
+    return re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
 
 
 def run_cli(command: Callable[[], object]) -> int:

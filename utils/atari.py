@@ -7,7 +7,6 @@ A lost life is reported in `info["life_loss"]` but does not end the episode.
 """
 
 import difflib
-import re
 from collections.abc import Callable
 
 import ale_py
@@ -15,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 from PIL import Image
 
-from utils import UserError
+from utils import UserError, game_of
 
 gym.register_envs(ale_py)
 
@@ -36,9 +35,7 @@ def check_env_id(env_id: str) -> None:
     valid = [e for e in gym.registry if e.startswith("ALE/") and e.endswith("-v5")]
     if env_id in valid:
         return
-    # "ALE/Krul-v5" -> "Krul", "PongNoFrameskip-v4" -> "Pong"
-    game = re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
-    close = difflib.get_close_matches(game, [e[4:-3] for e in valid], n=1)
+    close = difflib.get_close_matches(game_of(env_id), [e[4:-3] for e in valid], n=1)  # ALE/Krul-v5 -> Krull
     hint = f" Did you mean 'ALE/{close[0]}-v5'?" if close else ""
     raise UserError(
         f"Unknown env id '{env_id}': expected a registered 'ALE/<Game>-v5' id.{hint} List them with: {LIST_IDS_CMD}"

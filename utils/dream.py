@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import UserError, run_cli
+from utils import UserError, game_of, run_cli
 
 KEY_HELP = (
     "arrows: UP/DOWN/LEFT/RIGHT, space: FIRE, combined as the game allows (UP+space -> UPFIRE; a combination "
@@ -436,7 +436,7 @@ def play_interactive(
     def show(z, caption):
         frame = _to_uint8(world_model.decoder(z))[0]  # (64, 64, 3)
         frames.append(frame)
-        big = np.kron(frame, np.ones((scale, scale, 1), np.uint8))  # (64 s, 64 s, 3)
+        big = frame.repeat(scale, 0).repeat(scale, 1)  # (64 s, 64 s, 3)
         screen.blit(pygame.surfarray.make_surface(big.swapaxes(0, 1)), (0, 0))
         pygame.display.set_caption(caption)
         pygame.display.flip()
@@ -541,7 +541,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from utils.hub import game_of, load_agent
+    from utils.hub import load_agent
 
     for name in ("episodes", "max_steps", "horizon", "context_length", "windows", "max_starts", "scale"):
         if getattr(args, name) < 1:
@@ -582,12 +582,14 @@ def run(args: argparse.Namespace) -> None:
     for i, (e, s) in enumerate(windows):
         part = slice(s, s + context + horizon)
         episode = episodes[e]
-        result = dream(world_model, episode["obs"][part], episode["actions"][part], episode["rewards"][part], context)
+        result = dream(
+            world_model, episode["obs"][part], episode["actions"][part], episode["rewards"][part], context, args.sample
+        )
         if i == 0:
             save_strip_figure(result, os.path.join(out, "dream_strip.png"))
         video.append(strip(result))
     video = np.concatenate(video)  # (windows * (C + H), 64, 192, 3)
-    video = np.kron(video, np.ones((1, args.scale, args.scale, 1), np.uint8))  # nearest-neighbour upscaling
+    video = video.repeat(args.scale, 1).repeat(args.scale, 2)  # nearest-neighbour upscaling
     path = write_video(video, os.path.join(out, "dream.mp4"), args.fps)
     print(f"wrote {path} ({len(windows)} windows of {context} real + {horizon} imagined steps), dream_strip.png,")
     print(f"error_vs_horizon.png and error_vs_horizon.json to {out}")

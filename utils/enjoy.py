@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils import UserError, run_cli
+from utils import UserError, game_of, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def enjoy(args: argparse.Namespace) -> dict:
-    from utils.hub import game_of, load_agent
+    from utils.hub import load_agent
 
     if args.episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {args.episodes}")

@@ -25,7 +25,6 @@ import csv
 import glob
 import json
 import os
-import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -33,8 +32,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from utils import UserError, run_cli
-from utils.atari import check_env_id, make_env
+from utils import UserError, game_of, run_cli
+from utils.atari import make_env
 
 TABLE1_CSV = Path(__file__).with_name("atari100k_scores.csv")
 METRICS = ("mean", "median", "iqm", "optimality_gap")
@@ -55,17 +54,12 @@ def load_table1() -> dict[str, dict[str, float]]:
     return {game: dict(row) for game, row in _table1().items()}
 
 
-def _strip_env_id(env_id: str) -> str:
-    """The game part of an env id: ALE/Krull-v5, KrullNoFrameskip-v4 and Krull all give Krull."""
-    return re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
-
-
 def game_name(game_or_env_id: str) -> str:
     """Table 1's name of a game: "ALE/Krull-v5", "KrullNoFrameskip-v4", "krull" -> "Krull".
 
     A game outside the 26 Atari100k games raises a one-line UserError.
     """
-    name = _strip_env_id(game_or_env_id)
+    name = game_of(game_or_env_id)
     by_lower = {g.lower(): g for g in _table1()}
     if name.lower() not in by_lower:
         raise UserError(
@@ -122,8 +116,7 @@ def evaluate(
     """
     if episodes < 1:
         raise UserError(f"episodes must be >= 1, got {episodes}")
-    check_env_id(env_id)
-    game = _strip_env_id(env_id)
+    game = game_of(env_id)
     num_envs = max(1, min(num_envs, episodes))
     quotas = episode_quotas(episodes, num_envs)
     envs = gym.vector.SyncVectorEnv(
@@ -198,7 +191,7 @@ def save_results(results: dict, path: str | os.PathLike, exp_name: str | None = 
         data["exp_name"] = exp_name
     if seed is not None:
         data["seed"] = seed
-    data.setdefault("game", _strip_env_id(str(data["env_id"])))
+    data.setdefault("game", game_of(str(data["env_id"])))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -333,11 +326,12 @@ def load_results(patterns: list[str]) -> list[dict]:
     return results
 
 
-def group_scores(results: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """{exp_name: {game: [HNS per run]}}; results without an exp_name are grouped as "unnamed"."""
+def group_scores(results: list[dict], key: str = "hns") -> dict[str, dict[str, list[float]]]:
+    """{exp_name: {game: [result[key] per run]}} (HNS by default; "mean": the mean returns); results without an
+    exp_name are grouped as "unnamed"."""
     groups: dict[str, dict[str, list[float]]] = {}
     for r in results:
-        groups.setdefault(str(r.get("exp_name", "unnamed")), {}).setdefault(r["game"], []).append(r["hns"])
+        groups.setdefault(str(r.get("exp_name", "unnamed")), {}).setdefault(r["game"], []).append(r[key])
     return groups
 
 
@@ -409,9 +403,10 @@ def run_aggregate(patterns: list[str], out: str, reps: int = 2000, seed: int = 0
     with open(out_dir / "per_game.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["exp_name", "game", "runs", "mean_score", "mean_hns"])
+        returns = group_scores(results, key="mean")
         for name, scores in groups.items():
             for game in sorted(scores):
-                raw = [float(r["mean"]) for r in results if r["game"] == game and r.get("exp_name", "unnamed") == name]
+                raw = [float(v) for v in returns[name][game]]
                 writer.writerow([name, game, len(raw), np.mean(raw), np.mean(scores[game])])
     plot(groups, table, out_dir / "aggregate.png", reps, seed)
     print(f"wrote {out_dir / 'aggregate.csv'}, {out_dir / 'per_game.csv'}, {out_dir / 'aggregate.png'}")

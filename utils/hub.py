@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, metadata_eval_result
 
-from utils import UserError, run_cli
+from utils import UserError, game_of, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the drama_*.py scripts live here, next to utils/
 CHECKPOINT_FILES = ("agent.safetensors", "args.json")
@@ -44,9 +44,12 @@ MANAGED_PATTERNS = ("agent.safetensors", "args.json", "eval_results.json", "repl
 # --------------------------------------------------------------------------------------------------
 # Upload
 # --------------------------------------------------------------------------------------------------
-def game_of(env_id: str) -> str:
-    """The game of an env id: ALE/Krull-v5 -> Krull."""
-    return re.sub(r"^ALE/|-v\d+$", "", env_id)
+def read_config(folder: Path) -> dict:
+    """The `args.json` of a saved agent; a one-line UserError when it is not valid JSON."""
+    try:
+        return json.loads((folder / "args.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{folder / 'args.json'} is not valid JSON: re-download or re-save the agent") from None
 
 
 def default_repo_id(args, api: HfApi | None = None) -> str:
@@ -227,7 +230,7 @@ def push_to_hub(args, run_dir: str, repo_id: str | None = None, video_folder: st
     missing = [name for name in CHECKPOINT_FILES if not (run / name).is_file()]
     if missing:
         raise UserError(f"{run_dir} has no {' or '.join(missing)}: train with --save-model, or pass the run folder")
-    config = json.loads((run / "args.json").read_text())
+    config = read_config(run)
     variant = config.get("variant", args.exp_name)
     files: dict[str, Path | bytes] = {name: run / name for name in CHECKPOINT_FILES}
     script = REPO_ROOT / f"{variant}.py"
@@ -410,10 +413,7 @@ def load_agent(
 
     weights = folder / "agent.safetensors"
     corrupted = f"{weights} is corrupted or truncated: re-download or re-save it"
-    try:
-        config = json.loads((folder / "args.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{folder / 'args.json'} is not valid JSON: re-download or re-save the agent") from None
+    config = read_config(folder)
     try:
         with safe_open(str(weights), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(args.run_dir)
         if not (run / "args.json").is_file():
             raise UserError(f"{args.run_dir} has no args.json: pass a run folder written by save_agent")
-        config = json.loads((run / "args.json").read_text())
+        config = read_config(run)
         module = _import_variant(str(config.get("variant")), run, False, False)
         run_args = _build_args(module, config)
         if args.hf_entity is not None:
