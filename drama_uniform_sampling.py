@@ -72,7 +72,8 @@ class Args:
 
     # Environment (Atari100k protocol)
     env_id: str = "ALE/Krull-v5"
-    """the id of the ALE environment (`ALE/<Game>-v5`)"""
+    """the environment: an `ALE/<Game>-v5` id (Atari100k protocol), or any registered Gymnasium id with image
+    observations and discrete actions (frames resized to 64x64), e.g. the sanity game `drama/Catch-v0`"""
     total_timesteps: int = 100_000
     """agent steps in the environment (frameskip 4: 100k steps = 400k frames, the Atari100k budget)"""
     sticky_actions: bool = False

@@ -33,7 +33,7 @@ import gymnasium as gym
 import numpy as np
 
 from utils import UserError, game_of, run_cli
-from utils.atari import make_env
+from utils.atari import is_atari, make_env
 
 TABLE1_CSV = Path(__file__).with_name("atari100k_scores.csv")
 METRICS = ("mean", "median", "iqm", "optimality_gap")
@@ -169,7 +169,7 @@ def evaluate(
         "protocol": {
             "sticky_actions": sticky_actions,
             "full_action_space": False,
-            "frameskip": 4,
+            "frameskip": 4 if is_atari(env_id) else 1,
             "max_episode_frames": max_episode_frames,
             "episodes": episodes,
             "greedy": greedy,
