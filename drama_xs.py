@@ -955,7 +955,7 @@ def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: in
     """
     z = sample_latent(world_model.posterior(frames)[frame_index])  # (B, C, 1024)
     h, state = world_model.dynamics(z, actions)  # (B, C, 512)
-    h = h[:, -1]  # (B, 512)
+    h = h[:, -1].contiguous()  # (B, 512): laid out as the step's h, so that a compiled step compiles once
     z = sample_latent(world_model.prior(h))  # (B, 1024)
     zs, hs, taken = [z], [h], []
     for _ in range(horizon):
