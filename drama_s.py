@@ -25,11 +25,23 @@ from utils.atari import check_env_id, make_env
 from utils.dream import log_dream
 
 try:  # fused CUDA kernel for the SSD scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
+    import mamba_ssm
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-except ImportError:
+
+    MAMBA_SSM_ERROR = None
+except ImportError as error:  # not installed, or installed but broken (an ABI mismatch, a missing extension)
     mamba_chunk_scan_combined = None
+    MAMBA_SSM_ERROR = "mamba_ssm is not installed" if error.name == "mamba_ssm" else f"mamba_ssm failed: {error}"
 
 VARIANT = os.path.basename(__file__)[: -len(".py")]  # recorded in saved agents and checkpoints
+
+
+def scan_backend(device: torch.device) -> str:
+    """Which scan the Mamba mixer runs on `device`, and why (printed at start-up)."""
+    why = [] if device.type == "cuda" else [f"running on {device.type}"]
+    if MAMBA_SSM_ERROR:
+        why.append(MAMBA_SSM_ERROR)
+    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm.__version__}"
 
 
 @dataclass
@@ -65,7 +77,7 @@ class Args:
     """the user or org name of the Hugging Face Hub model repository (default: your username)"""
     resume: str = ""
     """continue the run saved in this folder (`runs/<run_name>`); its settings are reused, except
-    `--total-timesteps`"""
+    `--total-timesteps`, `--device`, `--compile` and `--torch-threads`, which come from this command line"""
     checkpoint_every: int = 10_000
     """write the full training state (for `--resume`) every this many env steps and at the end (0: never);
     with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
@@ -388,7 +400,8 @@ class Mamba2(nn.Module):
 
     `forward` runs a sequence (chunked, no loop over time) and returns the inference state it ends in;
     given a state it continues from it. `step` advances one token. State: conv_state (B, E + 2N, K), the
-    last K conv inputs, newest last; ssm_state (B, H, P, N), as mamba_ssm's inference cache.
+    last K conv inputs, newest last; ssm_state (B, H, P, N), as mamba_ssm's inference cache; both contiguous
+    and at least fp32 (also under bf16 autocast), so a compiled `step` sees one input type from its first call.
     """
 
     def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, headdim: int, chunk_size: int):
@@ -442,7 +455,8 @@ class Mamba2(nn.Module):
             y, ssm_state = ssd_scan(x, dt, A, B, C, self.chunk_size, initial_state)
         y = y + x * self.D[:, None]  # (B, L, H, P)
         y = self.norm(y.reshape(batch, length, self.d_inner), z)  # (B, L, E)
-        return self.out_proj(y), (conv_state, ssm_state)
+        dtype = torch.promote_types(conv_state.dtype, torch.float32)  # bf16 under autocast -> fp32, as `step` keeps it
+        return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())
 
     def step(self, u: torch.Tensor, state):
         """One token: u (B, D) -> y (B, D), new (conv_state, ssm_state) (no in-place update)."""
@@ -699,7 +713,8 @@ class ActorCritic(nn.Module):
         self.register_buffer("return_high", torch.zeros(()))
 
     def policy(self, features: torch.Tensor) -> torch.distributions.Categorical:
-        return torch.distributions.Categorical(logits=self.actor(self.norm(features)))
+        # no argument validation: our logits need no check, and validating syncs a GPU with the CPU on every call
+        return torch.distributions.Categorical(logits=self.actor(self.norm(features)), validate_args=False)
 
     @torch.no_grad()
     def act(self, features: torch.Tensor, greedy: bool = False) -> torch.Tensor:
@@ -941,7 +956,7 @@ def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: in
     """
     z = sample_latent(world_model.posterior(frames)[frame_index])  # (B, C, 1024)
     h, state = world_model.dynamics(z, actions)  # (B, C, 512)
-    h = h[:, -1]  # (B, 512)
+    h = h[:, -1].contiguous()  # (B, 512): laid out as the step's h, so that a compiled step compiles once
     z = sample_latent(world_model.prior(h))  # (B, 1024)
     zs, hs, taken = [z], [h], []
     for _ in range(horizon):
@@ -1037,7 +1052,23 @@ def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensor
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
             _, index, name = key.rsplit(".", 2)
-            optimizer.state[params[int(index)]][name] = value.to(params[int(index)].device)
+            param = params[int(index)]
+            optimizer.state[param][name] = value if name == "step" else value.to(param.device)  # step: on the CPU
+
+
+def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's generators a run draws from: the CPU's, and the GPU's when it trains on one (latents, actions)."""
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return tensors
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Set the generators `rng_tensors` saved; a CUDA state is skipped on a CPU (and absent from a CPU run)."""
+    torch.set_rng_state(tensors["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda_rng"], device)
 
 
 def save_training_state(run_dir: str, training: dict) -> None:
@@ -1050,7 +1081,7 @@ def save_training_state(run_dir: str, training: dict) -> None:
         f"buffer.{k}": torch.from_numpy(v[: buffer.size]) for k, v in vars(buffer).items() if isinstance(v, np.ndarray)
     }
     tensors["action_history"] = torch.tensor(training["action_history"], dtype=torch.int64)
-    tensors["torch_rng"] = torch.get_rng_state()
+    tensors |= rng_tensors(next(agent.parameters()).device)
     for i, window in enumerate(agent.windows):
         if window:
             tensors[f"window.{i}.z"] = torch.stack([z for z, _ in window])
@@ -1104,8 +1135,8 @@ def restore_training_state(training: dict, tensors: dict[str, torch.Tensor], pro
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr  # the learning rate the saved run's next update would have used
     training["rng"].bit_generator.state = progress["rng"]
-    torch.set_rng_state(tensors["torch_rng"])
     device = next(agent.parameters()).device
+    restore_rng(tensors, device)
     for i, window in enumerate(agent.windows):
         if f"window.{i}.z" in tensors:
             z, actions = tensors[f"window.{i}.z"].to(device), tensors[f"window.{i}.actions"].to(device)
@@ -1132,19 +1163,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
 
 
+def check_compiler(device: torch.device) -> None:
+    """--compile builds code at run time: inductor's C++ on a CPU, Triton's C launchers on CUDA."""
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
+    if device.type == "cuda" and not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        raise UserError(
+            "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, "
+            "or drop --compile"
+        )
+
+
 def main(args: Args) -> None:
     saved = None
-    if args.resume:  # every setting comes from the saved run, except how long to train
+    if args.resume:  # every setting comes from the saved run, except how long to train and where and how to run
         saved = read_training_state(args.resume)
-        args = Args(**{**saved[1]["args"], "total_timesteps": args.total_timesteps, "resume": args.resume})
+        given = {k: getattr(args, k) for k in ("total_timesteps", "resume", "device", "compile", "torch_threads")}
+        args = Args(**{**saved[1]["args"], **given})
         args.encoder_filters = tuple(args.encoder_filters)
     check_args(args)
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     device = resolve_device(args.device)
-    if args.compile and device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
+    if args.compile:
+        check_compiler(device)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)
@@ -1182,6 +1225,7 @@ def main(args: Args) -> None:
     counts = agent.world_model.parameter_counts()
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     print(f"run {run_name} on {device}: TensorBoard logs and the agent go to {run_dir}", flush=True)
+    print(f"Mamba scan: {scan_backend(device)}", flush=True)
     imagination_step = torch.compile(imagine_step) if args.compile else imagine_step  # compiles on first use
     wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
     ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)

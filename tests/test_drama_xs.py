@@ -744,7 +744,8 @@ NEEDS_COMPILER = pytest.mark.skipif(
 
 @NEEDS_COMPILER
 def test_compiled_imagination_step_matches_eager(mod):
-    """--compile: imagine with torch.compile(imagine_step) imagines what the eager step does."""
+    """--compile: imagine with torch.compile(imagine_step) imagines what the eager step does, compiled once (step 0
+    gets the states of `forward`, later steps those of `step`: same dtypes and layouts, no second compile)."""
     args = tiny_args(mod)
     torch.manual_seed(0)
     world_model = mod.WorldModel(args, 5).eval()
@@ -753,7 +754,11 @@ def test_compiled_imagination_step_matches_eager(mod):
     frames = torch.randint(0, 256, (12, 64, 64, 3), dtype=torch.uint8)
     frame_index, context_actions = torch.arange(12).view(3, 4), torch.randint(0, 5, (3, 4))
     results = []
-    with torch._inductor.config.patch(fallback_random=True):  # the compiled step draws eager's random numbers
+    torch._dynamo.reset()
+    with (
+        torch._inductor.config.patch(fallback_random=True),  # the compiled step draws eager's random numbers
+        torch._dynamo.config.patch(error_on_recompile=True),
+    ):
         for step in (mod.imagine_step, torch.compile(mod.imagine_step)):
             torch.manual_seed(1)
             results.append(mod.imagine(world_model, actor_critic, frames, frame_index, context_actions, 5, step))

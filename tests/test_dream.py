@@ -230,3 +230,33 @@ def test_cli_missing_checkpoint(tmp_path):
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def numpy_rejects_tensors(monkeypatch):
+    """np.asarray of a CUDA tensor raises (TypeError: can't convert cuda:0 device type tensor to numpy): make it
+    raise for every tensor, so that a CPU run shows any path that would crash on a GPU."""
+    asarray = np.asarray
+
+    def strict(x, *args, **kwargs):
+        if isinstance(x, torch.Tensor):
+            raise TypeError(f"np.asarray was handed a tensor on {x.device}: it cannot read GPU memory")
+        return asarray(x, *args, **kwargs)
+
+    monkeypatch.setattr(np, "asarray", strict)
+
+
+def test_log_dream_and_dream_never_hand_numpy_a_tensor(tiny_agent, tmp_path, numpy_rejects_tensors):
+    from torch.utils.tensorboard import SummaryWriter
+
+    buffer = drama_xs.ReplayBuffer(100)
+    obs, actions, rewards = trajectory(30)
+    for t in range(30):
+        buffer.add(obs[t], actions[t], rewards[t], False, t == 0)
+    with SummaryWriter(str(tmp_path)) as writer:
+        result = dr.log_dream(writer, tiny_agent, buffer, 3, length=24, context_length=4)
+    assert result["real"].shape == (24, 64, 64, 3)
+    tensors = [torch.from_numpy(obs[:12]), torch.from_numpy(actions[:12]), torch.from_numpy(rewards[:12])]
+    from_tensors = dr.dream(tiny_agent.world_model, *tensors, context_length=4)
+    from_numpy = dr.dream(tiny_agent.world_model, obs[:12], actions[:12], rewards[:12], context_length=4)
+    assert np.array_equal(from_tensors["imagined"], from_numpy["imagined"])

@@ -39,7 +39,9 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path):
     train(tmp_path, *TINY, "--total-timesteps", "50", "--exp-name", "stopped", "--checkpoint-every", "50")
     stopped = run_dir(tmp_path, "stopped")
     halfway = load_file(stopped / "agent.safetensors")
-    resumed = train(tmp_path, "--resume", str(stopped.relative_to(tmp_path)), "--total-timesteps", "80")
+    resumed = train(
+        tmp_path, "--resume", str(stopped.relative_to(tmp_path)), "--total-timesteps", "80", "--torch-threads", "1"
+    )
     assert "resuming" in resumed.stdout
     straight = load_file(run_dir(tmp_path, "straight") / "agent.safetensors")
     final = load_file(stopped / "agent.safetensors")
@@ -48,10 +50,10 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path):
     assert not all(torch.equal(halfway[k], final[k]) for k in halfway)  # it did train after resuming
 
 
-def make_training():
+def make_training(action_dim: int = 3, **overrides):
     args = drama_xs.Args(d_model=32, headdim=16, encoder_filters=(4, 4, 4, 4, 4), stoch_categoricals=4,
-                         stoch_classes=4, buffer_size=64)  # fmt: skip
-    agent = drama_xs.Agent(args, 3)
+                         stoch_classes=4, buffer_size=64, **overrides)  # fmt: skip
+    agent = drama_xs.Agent(args, action_dim)
     wm_optimizer, wm_scheduler = drama_xs.make_optimizer(agent.world_model.parameters(), 1e-3, 10)
     ac_optimizer, ac_scheduler = drama_xs.make_optimizer(agent.actor_critic.parameters(), 1e-3, 10)
     buffer = drama_xs.ReplayBuffer(64)
@@ -105,3 +107,42 @@ def test_resume_with_another_variant_is_refused(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path}/checkpoint.safetensors was written by drama_xs.py, not drama_s.py: resume it with that"
     ]
+
+
+def test_resume_takes_device_compile_and_threads_from_the_command_line(tmp_path):
+    """A run saved with --device cuda --compile resumes on a CPU as the error message for it advises."""
+    training = make_training(6, env_id="ALE/Pong-v5", device="cuda", compile=True, torch_threads=3, eval_episodes=0,
+                             checkpoint_every=0, save_model=False, sequence_length=16)  # fmt: skip
+    drama_xs.save_training_state(str(tmp_path), training)
+    resumed = train(tmp_path, "--resume", str(tmp_path), "--total-timesteps", "12", "--device", "cpu")
+    assert "resuming test at step 10" in resumed.stdout and "run test on cpu" in resumed.stdout
+    assert "step 12/12" in resumed.stdout
+
+
+def test_the_cuda_generator_is_saved_and_restored_only_on_cuda(tmp_path, monkeypatch):
+    training = make_training()
+    drama_xs.save_training_state(str(tmp_path), training)
+    tensors, _ = drama_xs.read_training_state(str(tmp_path))
+    assert "torch_rng" in tensors and "cuda_rng" not in tensors  # a CPU run has no CUDA generator to save
+    cuda_state, restored = torch.arange(4, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    cuda = torch.device("cuda")
+    saved = drama_xs.rng_tensors(cuda)
+    assert torch.equal(saved["cuda_rng"], cuda_state) and torch.equal(saved["torch_rng"], torch.get_rng_state())
+    drama_xs.restore_rng(saved, cuda)
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == cuda
+    drama_xs.restore_rng(tensors, cuda)  # a CPU checkpoint resumed on a GPU: nothing to set
+    drama_xs.restore_rng(saved, torch.device("cpu"))  # a GPU checkpoint resumed on a CPU: the CUDA state is skipped
+    assert len(restored) == 1
+
+
+def test_restored_optimizer_state_goes_to_the_parameters_device_but_step_stays_on_the_cpu():
+    """As torch.optim keeps it: a `step` on the GPU would sync with the CPU once per parameter and update."""
+    param = torch.nn.Parameter(torch.zeros(3, device="meta"))  # stands for a parameter on a GPU
+    optimizer = drama_xs.LaProp([param], lr=1e-3)
+    tensors = {"opt.0.step": torch.tensor(5.0), "opt.0.exp_avg": torch.ones(3), "opt.0.exp_avg_sq": torch.ones(3)}
+    drama_xs.load_optimizer_tensors("opt", optimizer, tensors)
+    state = optimizer.state[param]
+    assert state["step"].device.type == "cpu" and state["step"].item() == 5
+    assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"

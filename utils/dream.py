@@ -64,6 +64,12 @@ def latent(probs: torch.Tensor, sample: bool = False) -> torch.Tensor:
     return F.one_hot(index, probs.shape[-1]).to(probs.dtype).flatten(-2)
 
 
+def _as_tensor(x, device: torch.device) -> torch.Tensor:
+    """numpy or a tensor on any device -> a tensor on `device` (numpy is never handed a tensor: it cannot read GPU
+    memory)."""
+    return x.to(device) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), device=device)
+
+
 def _device(module: torch.nn.Module) -> torch.device:
     parameter = next(module.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
@@ -121,18 +127,18 @@ def _pixel_mse(prediction: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 def dream(world_model, obs, actions, rewards, context_length: int = 8, sample: bool = False) -> dict:
     """Reconstruct a real trajectory and imagine it open loop after `context_length` real frames.
 
-    obs (T, 64, 64, 3) uint8, actions (T,), rewards (T,) of one trajectory (numpy or torch; a_t taken at obs_t,
-    r_t its reward). Returns numpy arrays: real, reconstructed, imagined (T, 64, 64, 3) uint8 (imagined[:C] are
-    the reconstructions of the context), rewards and predicted_rewards (T,) (predicted_rewards[t] = reward(h_t),
-    teacher-forced for t < C), imagination_mse and reconstruction_mse (T,) per-step pixel MSE against the real
-    frames, reward_error (T,) |predicted - real|; and context_length.
+    obs (T, 64, 64, 3) uint8, actions (T,), rewards (T,) of one trajectory (numpy, or tensors on any device; a_t
+    taken at obs_t, r_t its reward). Returns numpy arrays: real, reconstructed, imagined (T, 64, 64, 3) uint8
+    (imagined[:C] are the reconstructions of the context), rewards and predicted_rewards (T,)
+    (predicted_rewards[t] = reward(h_t), teacher-forced for t < C), imagination_mse and reconstruction_mse (T,)
+    per-step pixel MSE against the real frames, reward_error (T,) |predicted - real|; and context_length.
     """
     if not 1 <= context_length <= len(obs):
         raise UserError(f"context length must be in [1, {len(obs)}] (the trajectory's length), got {context_length}")
     device = _device(world_model)
-    obs = torch.as_tensor(np.asarray(obs), device=device)  # (T, 64, 64, 3)
-    actions = torch.as_tensor(np.asarray(actions), device=device).long()  # (T,)
-    rewards = torch.as_tensor(np.asarray(rewards), device=device).float()  # (T,)
+    obs = _as_tensor(obs, device)  # (T, 64, 64, 3)
+    actions = _as_tensor(actions, device).long()  # (T,)
+    rewards = _as_tensor(rewards, device).float()  # (T,)
     with _eval_mode(world_model):
         z_real = latent(world_model.posterior(obs), sample)  # (T, L)
         z, predicted = imagine_open_loop(world_model, z_real[None, :context_length], actions[None], sample)
@@ -327,7 +333,7 @@ def log_dream(writer, agent, buffer, global_step: int, length: int = 64, context
     if buffer.size < length:
         return None
     start = np.random.default_rng(global_step).integers(0, buffer.size - length + 1)
-    batch = buffer.sequences(np.array([start]), length, _device(agent.world_model))
+    batch = buffer.sequences(np.array([start]), length, "cpu")  # dream() moves it to the model's device
     result = dream(agent.world_model, batch["obs"][0], batch["actions"][0], batch["rewards"][0], context_length)
     add_video(writer, "dream/real_recon_imagined", strip(result), global_step, fps)
     imagined = slice(context_length, length)
@@ -428,8 +434,8 @@ def play_interactive(
 
     def restart():
         obs, actions = get_context()
-        obs = torch.as_tensor(np.asarray(obs), device=device)[None]  # (1, C, 64, 64, 3)
-        actions = torch.as_tensor(np.asarray(actions), device=device).long()[None]  # (1, C)
+        obs = _as_tensor(obs, device)[None]  # (1, C, 64, 64, 3)
+        actions = _as_tensor(actions, device).long()[None]  # (1, C)
         h, state = world_model.dynamics(latent(world_model.posterior(obs), sample), actions)
         return latent(world_model.prior(h[:, -1]), sample), state  # z_C (1, L)
 

@@ -1,0 +1,143 @@
+"""The CUDA path's logic, checked on a CPU: which scan runs and why, Triton's compiler check, no GPU->CPU syncs
+from argument validation, and mixer states that do not make a compiled step compile twice.
+
+What only a GPU can show is in test_cuda.py.
+"""
+
+import importlib
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling"]
+
+# fake mamba_ssm packages: {relative path: source}
+BROKEN = {"mamba_ssm/__init__.py": 'raise ImportError("libc10_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice")'}
+WORKING = {
+    "mamba_ssm/__init__.py": '__version__ = "9.8.7"',
+    "mamba_ssm/ops/__init__.py": "",
+    "mamba_ssm/ops/triton/__init__.py": "",
+    "mamba_ssm/ops/triton/ssd_combined.py": "def mamba_chunk_scan_combined(*args, **kwargs): ...",
+    "mamba_ssm/ops/selective_scan_interface.py": "selective_scan_cuda = object()\ndef selective_scan_fn(): ...",
+}
+# mamba_ssm's main branch: the Mamba-1 kernel is an opt-in build, the module imports without it
+WITHOUT_SELECTIVE_SCAN_CUDA = WORKING | {
+    "mamba_ssm/ops/selective_scan_interface.py": "selective_scan_cuda = None\ndef selective_scan_fn(): ..."
+}
+
+
+def load_with_fake_mamba_ssm(variant: str, files: dict[str, str] | None, tmp_path, monkeypatch):
+    """Import a fresh copy of the script as if `files` were the installed mamba_ssm (None: not installed)."""
+    for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if files is not None:
+        for path, source in files.items():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location(f"{variant}_fake_mamba_ssm", ROOT / f"{variant}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+        monkeypatch.delitem(sys.modules, name)  # the fake stays out of every later test
+    return module
+
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.mark.parametrize("variant", ["drama_xs", "drama_mamba1"])
+def test_start_up_line_says_which_scan_runs_and_why(variant, tmp_path, monkeypatch):
+    absent = load_with_fake_mamba_ssm(variant, None, tmp_path / "absent", monkeypatch)
+    if importlib.util.find_spec("mamba_ssm") is None:
+        assert absent.scan_backend(CUDA) == "pure PyTorch (mamba_ssm is not installed)"
+        assert absent.scan_backend(CPU) == "pure PyTorch (running on cpu; mamba_ssm is not installed)"
+    broken = load_with_fake_mamba_ssm(variant, BROKEN, tmp_path / "broken", monkeypatch)
+    assert broken.scan_backend(CUDA) == (
+        "pure PyTorch (mamba_ssm failed: libc10_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice)"
+    )
+    working = load_with_fake_mamba_ssm(variant, WORKING, tmp_path / "working", monkeypatch)
+    assert working.scan_backend(CUDA) == "fused mamba_ssm 9.8.7"
+    assert working.scan_backend(CPU) == "pure PyTorch (running on cpu)"
+    kernel = working.selective_scan_fn if variant == "drama_mamba1" else working.mamba_chunk_scan_combined
+    assert kernel is not None
+
+
+def test_mamba1_without_selective_scan_cuda_is_unavailable(tmp_path, monkeypatch):
+    """On mamba_ssm main the import succeeds and the first fused call would raise: fall back, and say why."""
+    mamba1 = load_with_fake_mamba_ssm("drama_mamba1", WITHOUT_SELECTIVE_SCAN_CUDA, tmp_path, monkeypatch)
+    assert mamba1.selective_scan_fn is None
+    assert mamba1.scan_backend(CUDA) == (
+        "pure PyTorch (mamba_ssm failed: built without selective_scan_cuda: reinstall it with "
+        "MAMBA_KEEP_CUDA_BUILD=TRUE)"
+    )
+    xs = load_with_fake_mamba_ssm("drama_xs", WITHOUT_SELECTIVE_SCAN_CUDA, tmp_path, monkeypatch)
+    assert xs.scan_backend(CUDA) == "fused mamba_ssm 9.8.7"  # Mamba-2's Triton scan does not need it
+
+
+@pytest.fixture(params=VARIANTS, scope="module")
+def mod(request):
+    return importlib.import_module(request.param)
+
+
+def tiny_args(mod, **overrides):
+    sizes = dict(encoder_filters=(4, 4, 4, 4, 4), d_model=32, d_state=8, stoch_categoricals=4, stoch_classes=4)
+    if hasattr(mod.Args, "headdim"):
+        sizes |= dict(headdim=16, chunk_size=4)
+    return mod.Args(**(sizes | overrides))
+
+
+def test_compile_on_cuda_without_a_c_compiler_is_a_one_line_error(monkeypatch):
+    drama_xs = importlib.import_module("drama_xs")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(UserError, match="--compile on CUDA needs a C compiler for Triton") as error:
+        drama_xs.check_compiler(CUDA)
+    assert "\n" not in str(error.value) and "drop --compile" in str(error.value)
+    monkeypatch.setenv("CC", "/opt/cc")  # Triton takes $CC first
+    drama_xs.check_compiler(CUDA)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    monkeypatch.delenv("CC")
+    drama_xs.check_compiler(CUDA)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):  # the CPU needs C++, not C
+        drama_xs.check_compiler(CPU)
+
+
+def test_policy_skips_argument_validation(mod):
+    """Validating a Categorical's logits syncs a GPU with the CPU on every construction (16 per rollout)."""
+    torch.manual_seed(0)
+    args = tiny_args(mod)
+    actor_critic = mod.ActorCritic(args, 48, 5)
+    features = torch.randn(3, 48)
+    features[0, 0] = torch.nan  # a validating Categorical raises ValueError on NaN logits
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(True)
+    try:
+        policy = actor_critic.policy(features)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+    assert policy.logits.shape == (3, 5) and not policy._validate_args
+
+
+def test_forward_returns_fp32_contiguous_states_under_bf16_autocast(mod):
+    """step 0 of a compiled imagination step gets forward's states, later steps get step's: one type for both."""
+    torch.manual_seed(0)
+    mixer = mod.MambaBlock(tiny_args(mod)).mixer
+    u = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = mixer(u)
+        assert y.dtype == torch.bfloat16  # autocast did run the projections in bf16
+        for tensor in state:
+            assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+        _, stepped = mixer.step(u[:, 0], state)
+        for before, after in zip(state, stepped, strict=True):
+            assert after.dtype == torch.float32 and after.is_contiguous() and after.shape == before.shape
+    _, state = mixer.double()(u.double())
+    assert all(tensor.dtype == torch.float64 for tensor in state)  # never lowered: float64 checks stay exact
