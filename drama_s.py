@@ -477,7 +477,7 @@ class Mamba2(nn.Module):
 # World model (paper 2.2, Figure 1): VAE + Mamba dynamics + reward and termination heads
 # ----------------------------------------------------------------------------------------------------------
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: x + mixer(RMSNorm(x))."""
+    """Pre-norm residual block: x + mixer(RMSNorm(x)) (eps 1e-5: mamba_ssm's RMSNorm, as in the published code)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -494,16 +494,24 @@ class MambaBlock(nn.Module):
 
 
 class Dynamics(nn.Module):
-    """h_t = f(z_<=t, a_<=t) (paper eq. 5): concat(z_t, onehot(a_t)) -> linear -> RMSNorm -> SiLU -> Mamba blocks."""
+    """h_t = f(z_<=t, a_<=t) (paper eq. 5): concat(z_t, onehot(a_t)) -> linear -> RMSNorm -> SiLU -> Mamba blocks.
+
+    As the published code: the stem's RMSNorm has eps 1e-6 (torchtune's), the blocks' and the final one 1e-5
+    (mamba_ssm's); mamba_ssm's init zeroes the stem's bias and scales each mixer's out_proj by 1/sqrt(n_layers).
+    """
 
     def __init__(self, args: Args, latent_dim: int, action_dim: int):
         super().__init__()
         self.action_dim = action_dim
         self.stem = nn.Sequential(
-            nn.Linear(latent_dim + action_dim, args.d_model), nn.RMSNorm(args.d_model, eps=1e-5), nn.SiLU()
+            nn.Linear(latent_dim + action_dim, args.d_model), nn.RMSNorm(args.d_model, eps=1e-6), nn.SiLU()
         )
         self.blocks = nn.ModuleList(MambaBlock(args) for _ in range(args.n_layers))
         self.norm = nn.RMSNorm(args.d_model, eps=1e-5)
+        nn.init.zeros_(self.stem[0].bias)
+        with torch.no_grad():
+            for block in self.blocks:  # GPT-2's scaling of the layers that write to the residual stream
+                block.mixer.out_proj.weight.div_(math.sqrt(args.n_layers))
 
     def _input(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.stem(torch.cat([z, F.one_hot(action, self.action_dim).to(z.dtype)], dim=-1))
@@ -565,8 +573,23 @@ class TwoHotSymlog(nn.Module):
 
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """Linear -> RMSNorm -> SiLU -> Linear (paper A.2.3: one hidden layer of 256)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.RMSNorm(hidden, eps=1e-5), nn.SiLU(), nn.Linear(hidden, out_dim))
+    """Linear -> RMSNorm -> SiLU -> Linear (paper A.2.3: one hidden layer of 256; RMSNorm eps 1e-6 as published)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.RMSNorm(hidden, eps=1e-6), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+
+TRUNCATED_NORMAL_STD = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2)))  # 0.8796
+
+
+def fan_avg_init_(module: nn.Module) -> None:
+    """DreamerV3's init, the published code's `weight_init`: a normal truncated at +-2 standard deviations and
+    scaled to std sqrt(1 / fan_avg) after truncation, fan_avg = (fan_in + fan_out) / 2; zero bias.
+    For Linear, Conv2d and ConvTranspose2d (`module.apply(fan_avg_init_)`); other modules are left as they are."""
+    if isinstance(module, nn.Linear | nn.Conv2d | nn.ConvTranspose2d):
+        weight = module.weight  # (out, in), (out, in, k, k) or (in, out, k, k)
+        fan_avg = (weight.shape[0] + weight.shape[1]) * math.prod(weight.shape[2:]) / 2
+        std = math.sqrt(1 / fan_avg) / TRUNCATED_NORMAL_STD
+        nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+        nn.init.zeros_(module.bias)
 
 
 class WorldModel(nn.Module):
@@ -585,6 +608,8 @@ class WorldModel(nn.Module):
         self.termination_head = mlp_head(args.d_model, args.head_hidden, 1)
         self.twohot = TwoHotSymlog()
         self.args = args
+        for module in (self.encoder, self.decoder, self.reward_head, self.termination_head):
+            module.apply(fan_avg_init_)  # as published; the posterior and prior heads keep PyTorch's init
         self.to(memory_format=torch.channels_last)  # conv VAE: NHWC is 1.1-1.3x faster on CPU
 
     def posterior(self, obs: torch.Tensor) -> torch.Tensor:
@@ -657,7 +682,11 @@ class WorldModel(nn.Module):
 # Actor-critic (paper 2.3, A.2.4; DreamerV3)
 # ----------------------------------------------------------------------------------------------------------
 class RunningNorm(nn.Module):
-    """Running mean/std of the actor-critic input (z, h), clipped; saved with the agent (buffers)."""
+    """Running mean/std of the actor's input (z, h), clipped at +-10 (the published VecNormalize's values); saved
+    with the agent (buffers). Updated once per actor-critic update with all of its imagined features (count from
+    0: the exact statistics of every feature seen), never while acting: acting and evaluation leave the agent as
+    it is. The published code updates them on every actor forward (each imagination step, the loss's forward over
+    the same features again, each env step), count from 1e-4: the same running average, read at other times."""
 
     def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
         super().__init__()
@@ -681,21 +710,23 @@ class RunningNorm(nn.Module):
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """`layers` x (Linear -> RMSNorm -> SiLU), then a Linear output; orthogonal init."""
+    """`layers` x (Linear -> RMSNorm -> SiLU), then a Linear output; orthogonal init with gain sqrt(2), zero bias,
+    RMSNorm eps 1e-6 (the published code's `layer_init` and torchtune RMSNorm)."""
     modules, dim = [], in_dim
     for _ in range(layers):
-        modules += [nn.Linear(dim, hidden), nn.RMSNorm(hidden, eps=1e-5), nn.SiLU()]
+        modules += [nn.Linear(dim, hidden), nn.RMSNorm(hidden, eps=1e-6), nn.SiLU()]
         dim = hidden
     modules.append(nn.Linear(dim, out_dim))
     for module in modules:
         if isinstance(module, nn.Linear):
-            nn.init.orthogonal_(module.weight)
+            nn.init.orthogonal_(module.weight, gain=math.sqrt(2))
             nn.init.zeros_(module.bias)
     return nn.Sequential(*modules)
 
 
 class ActorCritic(nn.Module):
-    """Actor (2 x 256) and critic (2 x 512, 255-bin symlog two-hot) on normalised concat(z, h) (1536)."""
+    """Actor (2 x 256) on the running-normalised concat(z, h) (1536); critic and slow critic (2 x 512, 255-bin
+    symlog two-hot) on the raw concat(z, h), as the published code (z is one-hot, h comes out of an RMSNorm)."""
 
     def __init__(self, args: Args, feature_dim: int, action_dim: int):
         super().__init__()
@@ -724,18 +755,18 @@ class ActorCritic(nn.Module):
 
     def value(self, features: torch.Tensor, slow: bool = False) -> torch.Tensor:
         critic = self.slow_critic if slow else self.critic
-        return self.twohot.decode(critic(self.norm(features)))
+        return self.twohot.decode(critic(features))
 
     def loss(self, features, actions, rewards, continuations):
         """Imagined trajectories: features (B, H+1, 1536), actions/rewards/continuations (B, H)."""
-        critic_logits = self.critic(self.norm(features))  # (B, H+1, 255): one pass for targets and loss
+        critic_logits = self.critic(features)  # (B, H+1, 255): one pass for targets and loss
         values = self.twohot.decode(critic_logits.detach())  # (B, H+1)
         with torch.no_grad():
             returns = lambda_returns(rewards, continuations, values, self.args.gamma, self.args.lam)
             slow_returns = lambda_returns(
                 rewards, continuations, self.value(features, slow=True), self.args.gamma, self.args.lam
             )
-            low, high = torch.quantile(returns.flatten(), torch.tensor([0.05, 0.95], device=returns.device))
+            low, high = nearest_rank(returns, 0.05), nearest_rank(returns, 0.95)
             decay = self.args.return_norm_decay
             self.return_low.lerp_(low, 1 - decay)
             self.return_high.lerp_(high, 1 - decay)
@@ -760,6 +791,13 @@ class ActorCritic(nn.Module):
             slow.lerp_(fast, 1 - self.args.slow_critic_decay)
 
 
+def nearest_rank(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-percentile of x by nearest rank, as the published code: the int(q * N)-th smallest of its N elements
+    (the smallest where q * N < 1, where the published code fails)."""
+    flat = x.flatten()
+    return flat.kthvalue(min(max(int(q * flat.numel()), 1), flat.numel())).values
+
+
 def lambda_returns(rewards, continuations, values, gamma: float, lam: float) -> torch.Tensor:
     """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), R_H = V_H (DreamerV3 eq. 7).
 
@@ -773,7 +811,14 @@ def lambda_returns(rewards, continuations, values, gamma: float, lam: float) -> 
 
 
 class LaProp(torch.optim.Optimizer):
-    """LaProp (Ziyin et al., 2020): Adam whose momentum averages gradients already divided by sqrt(v)."""
+    """LaProp (Ziyin et al., 2020): Adam whose momentum averages gradients already divided by sqrt(v).
+
+    As the published optimiser (and LaProp's reference code), the momentum averages lr_s * g_s / sqrt(v_s), and
+    its bias correction is the same average of the learning rates lr_s: the update is lr_t times the
+    lr-weighted mean of the normalised gradients. At a constant lr this is Adam's bias correction; during the
+    warm-up it weights the newer gradients, taken at larger learning rates, more. A zero lr does not move the
+    parameters (the published code then steps by the whole momentum; the warm-up never gets there).
+    """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-20):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
@@ -788,14 +833,16 @@ class LaProp(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros(())
-                    state["exp_avg"] = torch.zeros_like(p)
+                    state["lr_avg"] = torch.zeros((), dtype=torch.float64)  # sum_s (1 - beta1) beta1^(t-s) lr_s
+                    state["exp_avg"] = torch.zeros_like(p)  # the same average of lr_s * g_s / sqrt(v_s)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                step = state["step"].item()
+                step, lr = state["step"].item(), group["lr"]
+                lr_avg = state["lr_avg"].mul_(beta1).add_((1 - beta1) * lr).item()
                 exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
-                exp_avg = state["exp_avg"].mul_(beta1).add_(p.grad / denominator, alpha=1 - beta1)
-                p.add_(exp_avg, alpha=-group["lr"] / (1 - beta1**step))
+                exp_avg = state["exp_avg"].mul_(beta1).add_(p.grad / denominator, alpha=(1 - beta1) * lr)
+                p.add_(exp_avg, alpha=-lr / lr_avg if lr_avg > 0 else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -849,6 +896,18 @@ class Agent(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Replay buffer with dynamic frequency-based sampling (paper 2.4)
 # ----------------------------------------------------------------------------------------------------------
+def draw_starts(rng: np.random.Generator, valid: int, size: int, probs: np.ndarray | None = None) -> np.ndarray:
+    """`size` of the `valid` start indices, drawn without replacement (as the published buffer) from `probs`
+    (uniform if None). A batch larger than the number of starts that can be drawn (those with probability > 0)
+    takes each of them once and draws the rest with replacement from the same probabilities (the published code
+    fails there)."""
+    distinct = min(size, valid if probs is None else int(np.count_nonzero(probs)))
+    starts = rng.choice(valid, size=distinct, replace=False, p=probs)
+    if size > distinct:
+        starts = np.concatenate([starts, rng.choice(valid, size=size - distinct, p=probs)])
+    return starts
+
+
 class ReplayBuffer:
     """Ring buffer of (obs uint8, action, reward, termination, episode start) with DFS counters.
 
@@ -893,17 +952,19 @@ class ReplayBuffer:
         return softmax((n_wm - alpha * k - beta * np.maximum(0, n_wm - k)) / tau_img)
 
     def sample_world_model_starts(self, args: Args, rng: np.random.Generator) -> np.ndarray:
-        """DFS: draw `batch_size` sequence starts from p_i = softmax(-n_wm[i] / tau), then count them."""
+        """DFS: draw `batch_size` distinct sequence starts from p_i = softmax(-n_wm[i] / tau) (`draw_starts`), then
+        count them."""
         probs = self.world_model_probs(args.sequence_length, args.tau)
-        starts = rng.choice(len(probs), size=args.batch_size, p=probs)
+        starts = draw_starts(rng, len(probs), args.batch_size, probs)
         np.add.at(self.n_wm, self._physical(starts), 1)
         return starts
 
     def sample_imagination_starts(self, args: Args, rng: np.random.Generator) -> np.ndarray:
-        """DFS: draw `imagine_batch_size` context starts from the imagination probabilities, then count them."""
+        """DFS: draw `imagine_batch_size` distinct context starts from the imagination probabilities (`draw_starts`),
+        then count them."""
         ratio = args.imagine_batch_size / args.batch_size  # k_i puts n_img on n_wm's scale (= 64 by default)
         probs = self.imagination_probs(args.imagine_context_length, args.tau_img, args.alpha, args.beta, ratio)
-        starts = rng.choice(len(probs), size=args.imagine_batch_size, p=probs)
+        starts = draw_starts(rng, len(probs), args.imagine_batch_size, probs)
         np.add.at(self.n_img, self._physical(starts), 1)
         return starts
 
