@@ -104,7 +104,7 @@ def test_one_step_raises_log_prob_for_a_positive_advantage_and_lowers_it_for_a_n
     optimizer.step()
     with torch.no_grad():
         after = ac.policy(features[:, :-1]).log_prob(actions)
-    assert ((after - before) * sign > 0).all(), (after - before)
+    assert ((after - before) * sign > 0).all(), after - before
 
 
 @pytest.mark.parametrize("scale_above_one", [True, False], ids=["S>1", "S<1"])
