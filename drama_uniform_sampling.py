@@ -23,6 +23,7 @@ import tyro
 from utils import UserError
 from utils.atari import check_env_id, make_env
 from utils.dream import log_dream
+from utils.progress import StepClock, eta_seconds
 
 try:  # fused CUDA kernel for the SSD scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
     import mamba_ssm
@@ -1259,6 +1260,7 @@ def main(args: Args) -> None:
     buffer, rng, recent_returns = training["buffer"], training["rng"], training["recent_returns"]
     episode_start, first_step = training["episode_start"], training["global_step"]
     start_time = last_print = time.time()
+    clock = StepClock()  # recent seconds per random step and per training step, for the ETA
     for global_step in range(first_step, args.total_timesteps):
         # ALGO LOGIC: act (random before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
@@ -1297,16 +1299,22 @@ def main(args: Args) -> None:
         training["global_step"], training["episode_start"] = global_step + 1, episode_start
         if args.checkpoint_every and training["global_step"] % args.checkpoint_every == 0:
             save_training_state(run_dir, training)
+        clock.tick("random" if global_step < args.random_steps else "training")
         sps = (global_step + 1 - first_step) / (time.time() - start_time)
         if global_step % 100 == 0:
             writer.add_scalar("charts/SPS", sps, global_step)
         if time.time() - last_print > 10 or global_step in (first_step, args.total_timesteps - 1):
             last_print = time.time()
-            eta = (args.total_timesteps - global_step - 1) / sps
+            steps_left = args.total_timesteps - global_step - 1
+            random_left = min(steps_left, max(0, args.random_steps - global_step - 1))
+            training_s = clock.seconds_per_step("training")  # an action and train_ratio updates
+            eta = eta_seconds(random_left, steps_left - random_left, clock.seconds_per_step("random"), training_s)
+            eta_text = "after the first updates" if eta is None else f"{eta / 3600:.1f} h"
+            update_s = f"{training_s / args.train_ratio:.2f}" if training_s and args.train_ratio else "-"
             mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
             print(
                 f"step {global_step + 1}/{args.total_timesteps} updates {training['updates']} SPS {sps:.1f} "
-                f"ETA {eta / 3600:.1f} h return(mean of 5) {mean_return}",
+                f"s/update {update_s} ETA {eta_text} return(mean of 5) {mean_return}",
                 flush=True,
             )
     env.close()

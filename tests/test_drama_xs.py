@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import runpy
 import shutil
 import subprocess
@@ -358,7 +359,6 @@ def expected_counts(mod, headdim: int) -> dict[str, int]:
 
 
 def test_world_model_parameter_counts(mod):
-    assert STEM_AND_NORMS + 2 * 1_603_792 == PUBLISHED["dynamics"]
     for headdim in (64, 128):
         wm = mod.WorldModel(tiny_args(mod, **XS, headdim=headdim, chunk_size=64), action_dim=6)
         counts = wm.parameter_counts()
@@ -368,8 +368,11 @@ def test_world_model_parameter_counts(mod):
         assert counts == expected_counts(mod, headdim)
         assert counts["total"] == sum(p.numel() for p in wm.parameters() if p.requires_grad)
         assert sum(v for k, v in counts.items() if k != "total") == counts["total"]  # no uncounted module
+        mixers = sum(p.numel() for block in wm.dynamics.blocks for p in block.mixer.parameters())
+        assert counts["dynamics"] - mixers == STEM_AND_NORMS  # the stem, the block norms and the final norm
+        if headdim == 64 and mod.__name__ != "drama_mamba1":
+            assert counts == PUBLISHED  # the published code's headdim (mamba_ssm's default 64)
     if mod.__name__ != "drama_mamba1":
-        assert expected_counts(mod, 64) == PUBLISHED
         assert mod.Args().headdim == 128  # the paper's Table 3
         default_args = tiny_args(mod, **XS, headdim=mod.Args().headdim, chunk_size=64)
         default = mod.WorldModel(default_args, action_dim=6).parameter_counts()["total"]
@@ -969,6 +972,20 @@ def test_actor_critic_return_normalisation_and_advantage(mod):
     assert ac.return_high.item() == pytest.approx(0.01 * high.item(), abs=1e-4)
     assert metrics["return_scale"].item() == pytest.approx(1.0)  # S = max(1, high - low) early on
     assert {"return_low", "return_high"} <= set(ac.state_dict())
+    # the advantage R - V(s) (V = 0 here) divided by S = 1 weighs log pi(a): the actor loss by hand
+    with torch.no_grad():
+        policy = ac.policy(features[:, :-1])
+    advantage = returns - ac.value(features).detach()[:, :-1]  # (6, 5)
+    expected = -(policy.log_prob(actions) * advantage).mean() - 3e-4 * policy.entropy().mean()
+    torch.testing.assert_close(metrics["actor_loss"], expected)
+    # with the EMA spread over 10, the same advantage is divided by S = 0.99 * 10 + 0.01 (high - low)
+    ac.return_low.fill_(-5.0)
+    ac.return_high.fill_(5.0)
+    _, metrics = ac.loss(features, actions, rewards, continuations)
+    scale = 0.99 * 10 + 0.01 * (high - low).item()
+    assert metrics["return_scale"].item() == pytest.approx(scale, rel=1e-5)
+    expected = -(policy.log_prob(actions) * advantage / scale).mean() - 3e-4 * policy.entropy().mean()
+    torch.testing.assert_close(metrics["actor_loss"], expected)
 
 
 def test_update_slow_critic(mod):
@@ -1164,18 +1181,30 @@ def test_act_on_posterior_sees_the_newest_frame(mod, pong_frames, monkeypatch):
         torch.testing.assert_close(agent.windows[0][-1][0], z_new[0])  # the frame joins the window once
 
 
-def test_act_greedy_is_deterministic_given_the_same_windows(mod, pong_frames):
-    agent = make_agent(mod)
+def test_act_greedy_is_deterministic_given_the_same_windows(mod, pong_frames, monkeypatch):
+    """Greedy acting takes the actor's most likely action: under any torch seed the same windows give the same
+    actions, the argmax of the policy; sampled actions from the same near-uniform policy do vary."""
+    monkeypatch.setattr(mod, "sample_latent", argmax_latent)  # the features the actor sees are deterministic
+    torch.manual_seed(0)
+    agent = mod.Agent(tiny_args(mod), 6)  # the actor's small output init: a near-uniform policy
+    seen = []
+    act = agent.actor_critic.act
+    monkeypatch.setattr(agent.actor_critic, "act", lambda f, greedy=False: seen.append(f) or act(f, greedy))
     agent.reset(3)
     agent.act(pong_frames[0:3], np.ones(3, bool))
     agent.act(pong_frames[3:6], np.zeros(3, bool))
     window = copy_windows(agent.windows)
-    results = []
-    for _ in range(2):
-        agent.windows = copy_windows(window)
-        torch.manual_seed(5)
-        results.append(agent.act(pong_frames[6:9], None, greedy=True))
-    np.testing.assert_array_equal(results[0], results[1])
+    results = {True: [], False: []}
+    for seed in range(8):
+        for greedy in (True, False):
+            agent.windows, seen[:] = copy_windows(window), []
+            torch.manual_seed(seed)
+            results[greedy].append(agent.act(pong_frames[6:9], None, greedy=greedy))
+    with torch.no_grad():
+        most_likely = agent.actor_critic.policy(seen[0]).probs.argmax(-1).numpy()
+    for actions in results[True]:
+        np.testing.assert_array_equal(actions, most_likely)
+    assert len({tuple(actions) for actions in results[False]}) > 1  # sampling would fail this test
 
 
 # ==========================================================================================================
@@ -1220,13 +1249,15 @@ def test_check_args_dfs_temperatures_must_be_positive(dfs_mod, field):
 
 
 # ==========================================================================================================
-# 14. End to end: the script on a real ALE game, TensorBoard keys, saved agent
+# 14. End to end: the script on a real ALE game, TensorBoard keys, saved agent, replay buffer vs the game
 # ==========================================================================================================
+# Breakout under seed 5 with random actions: two games over (steps 160 and 288) and lost lives between them,
+# all within the 290 random steps (test_end_to_end_training_run checks that they happen)
 TINY_FLAGS = (
-    "--env-id ALE/Pong-v5 --total-timesteps 50 --random-steps 40 --batch-size 2 --sequence-length 16 "
+    "--env-id ALE/Breakout-v5 --total-timesteps 300 --random-steps 290 --batch-size 2 --sequence-length 16 "
     "--imagine-batch-size 8 --imagine-context-length 4 --imagine-horizon 4 --eval-episodes 0 --d-model 64 "
     "--headdim 32 --encoder-filters 4 8 8 8 8 --stoch-categoricals 8 --stoch-classes 8 --act-context-length 4 "
-    "--log-every 5 --torch-threads 1 --seed 3"
+    "--log-every 5 --torch-threads 1 --seed 5"
 ).split()
 
 
@@ -1234,6 +1265,23 @@ def run_script(variant: str, flags: list[str], cwd: Path) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, str(ROOT / f"{variant}.py"), *flags], cwd=cwd, capture_output=True, text=True, timeout=300
     )
+
+
+def replay_game(env_id: str, seed: int, actions: list[int]) -> dict[str, np.ndarray]:
+    """The game's own account of a run's actions: per-step rewards, game overs, lost lives, episode starts."""
+    env = make_env(env_id, seed, 0, False, "t")()
+    env.reset(seed=seed)
+    steps = dict(rewards=[], terminated=[], life_loss=[], episode_starts=[])
+    episode_start = True
+    for action in actions:
+        _, reward, terminated, truncated, info = env.step(action)
+        for key, value in zip(steps, (reward, terminated, info["life_loss"], episode_start), strict=True):
+            steps[key].append(value)
+        episode_start = terminated or truncated
+        if episode_start:
+            env.reset()
+    env.close()
+    return {key: np.array(value) for key, value in steps.items()}
 
 
 @pytest.mark.parametrize("variant", EXISTING)
@@ -1250,20 +1298,44 @@ def test_end_to_end_training_run(variant, tmp_path):
     result = run_script(variant, flags, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert "step 50/50" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 1/300 updates 0 ") and "s/update - ETA after the first updates" in lines[0]
+    last_line = r"step 300/300 updates 10 SPS [\d.]+ s/update [\d.]+ ETA 0\.0 h return\(mean of 5\) 0\.5"
+    assert re.fullmatch(last_line, lines[-1]), lines[-1]
     run_dirs = list((tmp_path / "runs" / "ALE").iterdir())
-    assert len(run_dirs) == 1 and run_dirs[0].name.startswith(f"Pong-v5__{variant}__3__")
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith(f"Breakout-v5__{variant}__5__")
     run_dir = run_dirs[0]
+    # the replay buffer holds what the game did: a lost life is a termination target, the game goes on
+    tensors, saved = mod.read_training_state(str(run_dir))
+    actions = tensors["action_history"].tolist()
+    assert len(actions) == 300 and saved["global_step"] == 300
+    game = replay_game("ALE/Breakout-v5", 5, actions)
+    episode_ends = np.flatnonzero(game["terminated"])
+    assert len(episode_ends) == 2 and (game["life_loss"] & ~game["terminated"]).sum() >= 3  # the run's premise
+    np.testing.assert_array_equal(tensors["buffer.actions"].numpy(), actions)
+    np.testing.assert_array_equal(tensors["buffer.rewards"].numpy(), game["rewards"])
+    np.testing.assert_array_equal(tensors["buffer.terminations"].numpy(), game["terminated"] | game["life_loss"])
+    np.testing.assert_array_equal(tensors["buffer.episode_starts"].numpy(), game["episode_starts"])
+    # TensorBoard: every finished episode's return and length, and the running mean of the last 5 returns
     events = EventAccumulator(str(run_dir))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"charts/SPS", "losses/world_model_loss", "losses/actor_loss", "losses/critic_loss"} <= scalars
-    if "charts/episodic_return" in scalars:
-        assert "charts/episodic_length" in scalars
+    starts = np.concatenate([[0], episode_ends[:-1] + 1])
+    returns = [game["rewards"][a : b + 1].sum() for a, b in zip(starts, episode_ends, strict=True)]
+    assert len(set(returns)) > 1  # the mean of 5 differs from the last return
+    for key, expected in (
+        ("charts/episodic_return", returns),
+        ("charts/episodic_length", episode_ends - starts + 1),
+        ("charts/episodic_return_mean5", [np.mean(returns[max(0, i - 4) : i + 1]) for i in range(len(returns))]),
+    ):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == episode_ends.tolist(), key
+        np.testing.assert_allclose([e.value for e in logged], expected, err_msg=key)
     assert len(events.Scalars("losses/world_model_loss")) == 2  # 10 updates, logged every 5
     # the saved agent rebuilds from args.json alone and carries the normaliser statistics
     config = json.loads((run_dir / "args.json").read_text())
-    assert config["variant"] == variant and config["action_dim"] == 6 and config["d_model"] == 64
+    assert config["variant"] == variant and config["action_dim"] == 4 and config["d_model"] == 64
     fields = {f.name for f in dataclasses.fields(mod.Args)}
     args = mod.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
     agent = mod.Agent(args, config["action_dim"])
@@ -1274,7 +1346,7 @@ def test_end_to_end_training_run(variant, tmp_path):
     assert state["actor_critic.norm.count"].item() == 10 * 8 * 5  # 10 updates x 8 starts x (horizon + 1)
     assert state["actor_critic.norm.var"].min() > 0
     with safe_open(str(run_dir / "agent.safetensors"), "pt") as f:
-        assert f.metadata()["variant"] == variant and f.metadata()["action_dim"] == "6"
+        assert f.metadata()["variant"] == variant and f.metadata()["action_dim"] == "4"
     assert not (run_dir / "agent.safetensors.tmp").exists()
 
 
@@ -1282,7 +1354,7 @@ def test_end_to_end_training_run(variant, tmp_path):
 def test_end_to_end_training_run_compiled(tmp_path):
     result = run_script("drama_xs", [*TINY_FLAGS, "--compile"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 50/50" in result.stdout
+    assert "step 300/300" in result.stdout
     assert len(list((tmp_path / "runs" / "ALE").glob("*/agent.safetensors"))) == 1
 
 
