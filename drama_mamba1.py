@@ -58,14 +58,16 @@ class Args:
     capture_video: bool = False
     """whether to capture videos of the agent's training episodes (check out `videos` folder)"""
     save_model: bool = True
-    """whether to save the agent (safetensors + args JSON) to `runs/{run_name}`"""
+    """whether to save the agent (safetensors + args JSON) to the run folder"""
     upload_model: bool = False
     """whether to upload the saved agent to the Hugging Face Hub (needs `--save-model`)"""
     hf_entity: str = ""
     """the user or org name of the Hugging Face Hub model repository (default: your username)"""
+    run_dir: str = ""
+    """the run folder of a new run: TensorBoard logs, checkpoints, the agent, results (default: runs/<run_name>)"""
     resume: str = ""
-    """continue the run saved in this folder (`runs/<run_name>`); its settings are reused, except
-    `--total-timesteps`"""
+    """continue the run saved in this folder, in this folder (wherever it is); its settings are reused, and so is
+    its total unless `--total-timesteps` is given"""
     checkpoint_every: int = 10_000
     """write the full training state (for `--resume`) every this many env steps and at the end (0: never);
     with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
@@ -1127,16 +1129,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
 
 
+def given_on_command_line(field: str) -> bool:
+    """Whether the flag of this Args field is on the command line (tyro takes `--a-b`, `--a_b` and `--a-b=1`)."""
+    flags = {"--" + field, "--" + field.replace("_", "-")}
+    return any(arg.split("=")[0] in flags for arg in sys.argv[1:])
+
+
 def main(args: Args) -> None:
     saved = None
-    if args.resume:  # every setting comes from the saved run, except how long to train
+    if args.resume:  # every setting comes from the saved run, except how long to train when given
         saved = read_training_state(args.resume)
-        args = Args(**{**saved[1]["args"], "total_timesteps": args.total_timesteps, "resume": args.resume})
+        step, total = saved[1]["global_step"], saved[1]["args"]["total_timesteps"]
+        total = args.total_timesteps if given_on_command_line("total_timesteps") else total
+        if total < step:
+            raise UserError(f"--total-timesteps {total} < step {step}, where {args.resume} stopped: give >= {step}")
+        args = Args(**{**saved[1]["args"], "total_timesteps": total, "resume": args.resume, "run_dir": args.resume})
         args.encoder_filters = tuple(args.encoder_filters)
     check_args(args)
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    run_dir = args.resume or args.run_dir or os.path.join("runs", run_name)
+    taken = [f for f in ("args.json", "checkpoint.safetensors") if os.path.exists(os.path.join(run_dir, f))]
+    if args.run_dir and not saved and taken:
+        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-dir")
     device = resolve_device(args.device)
     if args.compile and device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
         raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
