@@ -73,6 +73,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         if "job_id" not in details:
             environment = submitit.JobEnvironment()
             details |= {"executor": environment.cluster, "job_id": environment.job_id}
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(self.run_dir) / STATE, {"state": state, "host": socket.gethostname(), **details})
 
     def __call__(self) -> dict:
