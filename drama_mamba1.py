@@ -74,14 +74,17 @@ class Args:
     capture_video: bool = False
     """whether to capture videos of the agent's training episodes (check out `videos` folder)"""
     save_model: bool = True
-    """whether to save the agent (safetensors + args JSON) to `runs/{run_name}`"""
+    """whether to save the agent (safetensors + args JSON) to the run folder"""
     upload_model: bool = False
     """whether to upload the saved agent to the Hugging Face Hub (needs `--save-model`)"""
     hf_entity: str = ""
     """the user or org name of the Hugging Face Hub model repository (default: your username)"""
+    run_dir: str = ""
+    """the run folder of a new run: TensorBoard logs, checkpoints, the agent, results (default: runs/<run_name>)"""
     resume: str = ""
-    """continue the run saved in this folder (`runs/<run_name>`); its settings are reused, except
-    `--total-timesteps`, `--device`, `--compile` and `--torch-threads`, which come from this command line"""
+    """continue the run saved in this folder, in this folder (wherever it is); its settings are reused, and so is
+    its total unless `--total-timesteps` is given; `--device`, `--compile` and `--torch-threads` come from this
+    command line"""
     checkpoint_every: int = 10_000
     """write the full training state (for `--resume`) every this many env steps and at the end (0: never);
     with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
@@ -1235,17 +1238,30 @@ def check_compiler(device: torch.device) -> None:
         )
 
 
+def given_on_command_line(field: str) -> bool:
+    """Whether the flag of this Args field is on the command line (tyro takes `--a-b`, `--a_b` and `--a-b=1`)."""
+    flags = {"--" + field, "--" + field.replace("_", "-")}
+    return any(arg.split("=")[0] in flags for arg in sys.argv[1:])
+
+
 def main(args: Args) -> None:
     saved = None
-    if args.resume:  # every setting comes from the saved run, except how long to train and where and how to run
+    if args.resume:  # every setting comes from the saved run, except how long to train (when given), where and how
         saved = read_training_state(args.resume)
-        given = {k: getattr(args, k) for k in ("total_timesteps", "resume", "device", "compile", "torch_threads")}
-        args = Args(**{**saved[1]["args"], **given})
+        step, total = saved[1]["global_step"], saved[1]["args"]["total_timesteps"]
+        total = args.total_timesteps if given_on_command_line("total_timesteps") else total
+        if total < step:
+            raise UserError(f"--total-timesteps {total} < step {step}, where {args.resume} stopped: give >= {step}")
+        given = {k: getattr(args, k) for k in ("resume", "device", "compile", "torch_threads")}
+        args = Args(**{**saved[1]["args"], **given, "total_timesteps": total, "run_dir": args.resume})
         args.encoder_filters = tuple(args.encoder_filters)
     check_args(args)
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    run_dir = args.resume or args.run_dir or os.path.join("runs", run_name)
+    taken = [f for f in ("args.json", "checkpoint.safetensors") if os.path.exists(os.path.join(run_dir, f))]
+    if args.run_dir and not saved and taken:
+        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-dir")
     device = resolve_device(args.device)
     if args.compile:
         check_compiler(device)

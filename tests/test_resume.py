@@ -1,5 +1,7 @@
 """Resuming a run reaches exactly the state of an uninterrupted run; checkpoints are written atomically."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +148,42 @@ def test_restored_optimizer_state_goes_to_the_parameters_device_but_step_stays_o
     state = optimizer.state[param]
     assert state["step"].device.type == "cpu" and state["step"].item() == 5
     assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
+
+
+def stop_early(run: Path, total_timesteps: int) -> None:
+    """Make the finished run's checkpoint that of a run of `total_timesteps` stopped at its checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    progress = json.loads(metadata["progress"])
+    progress["args"]["total_timesteps"] = total_timesteps
+    save_file(tensors, str(run / "checkpoint.safetensors"), metadata={**metadata, "progress": json.dumps(progress)})
+
+
+def test_resume_continues_in_its_folder_from_anywhere_and_keeps_its_total(tmp_path):
+    train(tmp_path, *TINY, "--total-timesteps", "40", "--checkpoint-every", "40", "--run-dir", "first")
+    first = tmp_path / "first"
+    assert (first / "agent.safetensors").is_file() and not (tmp_path / "runs").exists()  # --run-dir named it
+    copy = Path(shutil.copytree(first, tmp_path / "copy" / "X"))
+    stop_early(copy, 60)  # as if it had stopped at step 40 of 60
+    other = tmp_path / "other"
+    other.mkdir()
+    resumed = train(other, "--resume", "../copy/X")  # no --total-timesteps: the saved 60, not the default 100,000
+    assert "resuming" in resumed.stdout and "step 60/60 " in resumed.stdout and "100000" not in resumed.stdout
+    assert list(other.iterdir()) == []  # nothing went to ./runs or anywhere else in the current directory
+    assert len(list(copy.glob("events.out.tfevents.*"))) == 2  # the resumed run's events are in the copy
+    assert json.loads((copy / "args.json").read_text())["total_timesteps"] == 60
+    assert (first / "agent.safetensors").read_bytes() != (copy / "agent.safetensors").read_bytes()
+    assert json.loads((first / "args.json").read_text())["total_timesteps"] == 40  # the original is untouched
+
+    for flags, error in [
+        (["--resume", "../copy/X", "--total-timesteps", "30"],
+         "error: --total-timesteps 30 < step 60, where ../copy/X stopped: give >= 60"),
+        ([*TINY, "--run-dir", "../first"],
+         "error: ../first already holds a run: continue it with --resume ../first or pick another --run-dir"),
+    ]:  # fmt: skip
+        result = subprocess.run([sys.executable, str(ROOT / "drama_xs.py"), *flags], cwd=other, capture_output=True,
+                                text=True)  # fmt: skip
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [error]
