@@ -446,7 +446,7 @@ class Mamba1(nn.Module):
         conv_state = torch.cat([conv_state[:, :, 1:], u[:, :, None]], dim=-1)  # (B, D, W)  newest last
         u = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, D)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
-        delta = F.softplus(self.dt_proj(dt))  # (B, D)
+        delta = F.softplus(self.dt_proj(dt).float())  # (B, D), fp32 under bf16 autocast as in forward
         A = -torch.exp(self.A_log)  # (D, N)
         y, ssm_state = selective_scan_step(ssm_state, u, delta, A, B, C, self.D)  # (B, D), (B, D, N)
         return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, M)
