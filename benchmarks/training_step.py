@@ -23,14 +23,16 @@ What it measures
     projection of a 100k-step run adds the 1032 random steps (env only).
     Extras (first variant only; --no-extras skips): the VAE (encoder + posterior + decoder + reconstruction loss,
     forward + backward, and the encoder alone without grad as in imagination) in channels_last (drama_xs's layout)
-    vs contiguous NCHW; the world-model and actor-critic updates under bf16 autocast vs fp32; and the relative
+    vs contiguous NCHW; fp32 against bf16 autocast phase by phase (interleaved rounds; which one --precision auto
+    picks on this machine, and why); and the relative
     error of the bf16 world-model loss against fp32 on the same batch with the same RNG state for the latent
     samples (next to the difference that a different latent sample makes in fp32, for scale).
 
 How to run (from the repository root)
     python benchmarks/training_step.py --quick --threads 1                        # half batch, few repeats
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/training_step.py
-    python benchmarks/training_step.py --device cuda --bf16                       # GPU, bf16 autocast as in training
+    python benchmarks/training_step.py --device cuda                              # GPU: --precision auto is bf16
+    python benchmarks/training_step.py --compare-precision --repeats 3            # only fp32 vs bf16, per phase
     python benchmarks/training_step.py --quick --profile                          # + torch.profiler top ops
 
 Columns
