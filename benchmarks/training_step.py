@@ -381,7 +381,8 @@ def main() -> None:
 
     print("# DRAMA training update: phases, FLOPs, throughput\n")
     print(C.machine_info(device, args.precision == "bf16"))
-    print(f"- precision chosen: {args.precision} ({precision_why}); auto: {' '.join(precision_of('auto', device))}")
+    auto, auto_why = precision_of("auto", device)
+    print(f"- precision chosen: {args.precision} ({precision_why}); auto: {auto} ({auto_why})")
     if args.compare_precision:
         m = C.load_variant(args.variants.split(",")[0].strip())
         torch.manual_seed(args.seed)
