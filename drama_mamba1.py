@@ -23,6 +23,8 @@ import tyro
 from utils import UserError
 from utils.atari import check_env_id, make_env
 from utils.dream import log_dream
+from utils.precision import autocast as precision_autocast
+from utils.precision import precision_of
 from utils.progress import StepClock, eta_seconds
 
 try:  # fused CUDA kernel for the selective scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
@@ -62,6 +64,10 @@ class Args:
     """where to train: `auto` takes CUDA when available, else the CPU"""
     torch_threads: int = 0
     """CPU threads for torch (0: torch's default, one per physical core)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """float format of the forward passes (bf16 autocast; weights, gradients and optimiser state stay fp32).
+    `auto`: bf16 on CUDA; on a CPU bf16 where `torch.cpu.get_capabilities()` reports native bf16 (avx512_bf16,
+    amx_bf16, Arm bf16: 2-3x faster updates), else fp32 (emulated bf16 is 7-14x slower). See utils/precision.py"""
     compile: bool = False
     """if toggled, `torch.compile` the imagination step (1.3x faster rollout on CPU after a one-time 5-20 s compile;
     needs a C++ compiler on CPU, e.g. `apt-get install g++`)"""
@@ -295,7 +301,7 @@ class Decoder(nn.Module):
 
 def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
     """Categorical probabilities mixed with 1% uniform (DreamerV3): no class is ever impossible."""
-    probs = logits.softmax(-1)
+    probs = logits.float().softmax(-1)  # fp32 under bf16 autocast: the KL terms and sampling read these
     return (1 - unimix) * probs + unimix / logits.shape[-1]
 
 
@@ -462,7 +468,7 @@ class Mamba1(nn.Module):
         conv_state = torch.cat([conv_state[:, :, 1:], u[:, :, None]], dim=-1)  # (B, D, W)  newest last
         u = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, D)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
-        delta = F.softplus(self.dt_proj(dt))  # (B, D)
+        delta = F.softplus(self.dt_proj(dt).float())  # (B, D), fp32 under bf16 autocast as in forward
         A = -torch.exp(self.A_log)  # (D, N)
         y, ssm_state = selective_scan_step(ssm_state, u, delta, A, B, C, self.D)  # (B, D), (B, D, N)
         return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, M)
@@ -568,11 +574,11 @@ class TwoHotSymlog(nn.Module):
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (..., 255) -> expected value in real space (...)."""
-        return symexp((logits.softmax(-1) * self.bins).sum(-1))
+        return symexp((logits.float().softmax(-1) * self.bins).sum(-1))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against the two-hot target, per element (...)."""
-        return -(self.encode(target) * logits.log_softmax(-1)).sum(-1)
+        return -(self.encode(target) * logits.float().log_softmax(-1)).sum(-1)
 
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -645,7 +651,8 @@ class WorldModel(nn.Module):
         reconstruction_loss = (reconstruction - target).pow(2).sum((1, 2, 3)).mean()
         h, _ = self.dynamics(z, actions)  # (B, L, 512)
         reward_loss = self.twohot.loss(self.reward_head(h), rewards).mean()
-        termination_loss = F.binary_cross_entropy_with_logits(self.termination_head(h).squeeze(-1), terminations)
+        termination_logits = self.termination_head(h).squeeze(-1).float()  # (B, L)
+        termination_loss = F.binary_cross_entropy_with_logits(termination_logits, terminations)
         prior = self.prior(h[:, :-1])  # (B, L-1, 32, 32): predictions of z_1 .. z_{L-1}
         next_posterior = posterior[:, 1:]  # (B, L-1, 32, 32)
         dynamics_kl = categorical_kl(next_posterior.detach(), prior).mean()
@@ -748,7 +755,7 @@ class ActorCritic(nn.Module):
 
     def policy(self, features: torch.Tensor) -> torch.distributions.Categorical:
         # no argument validation: our logits need no check, and validating syncs a GPU with the CPU on every call
-        return torch.distributions.Categorical(logits=self.actor(self.norm(features)), validate_args=False)
+        return torch.distributions.Categorical(logits=self.actor(self.norm(features)).float(), validate_args=False)
 
     @torch.no_grad()
     def act(self, features: torch.Tensor, greedy: bool = False) -> torch.Tensor:
@@ -1271,7 +1278,9 @@ def main(args: Args) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    precision, why = precision_of(args.precision, device)
+    autocast = precision_autocast(device, precision)
+    print(f"precision {precision} ({why})", flush=True)
 
     if args.track:
         try:

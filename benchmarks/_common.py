@@ -85,6 +85,13 @@ def machine_info(device: torch.device, bf16: bool = False) -> str:
     return "\n".join(lines)
 
 
+def load_average() -> float:
+    """The 1-minute load average (0 where /proc/loadavg is missing): how busy a shared machine was."""
+    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+    return 0.0
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

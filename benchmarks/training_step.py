@@ -23,14 +23,16 @@ What it measures
     projection of a 100k-step run adds the 1032 random steps (env only).
     Extras (first variant only; --no-extras skips): the VAE (encoder + posterior + decoder + reconstruction loss,
     forward + backward, and the encoder alone without grad as in imagination) in channels_last (drama_xs's layout)
-    vs contiguous NCHW; the world-model and actor-critic updates under bf16 autocast vs fp32; and the relative
+    vs contiguous NCHW; fp32 against bf16 autocast phase by phase (interleaved rounds; which one --precision auto
+    picks on this machine, and why); and the relative
     error of the bf16 world-model loss against fp32 on the same batch with the same RNG state for the latent
     samples (next to the difference that a different latent sample makes in fp32, for scale).
 
 How to run (from the repository root)
     python benchmarks/training_step.py --quick --threads 1                        # half batch, few repeats
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/training_step.py
-    python benchmarks/training_step.py --device cuda --bf16                       # GPU, bf16 autocast as in training
+    python benchmarks/training_step.py --device cuda                              # GPU: --precision auto is bf16
+    python benchmarks/training_step.py --compare-precision --repeats 3            # only fp32 vs bf16, per phase
     python benchmarks/training_step.py --quick --profile                          # + torch.profiler top ops
 
 Columns
@@ -55,6 +57,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+
+from utils.precision import autocast as precision_autocast
+from utils.precision import precision_of
 
 
 class Phases:
@@ -279,6 +284,42 @@ def vae_iteration(wm, obs: torch.Tensor, memory_format, backward: bool = True):
     loss.backward()
 
 
+def compare_precisions(m, agent, optimizers, buffer, a, rng, device, rounds: int) -> None:
+    """Per-phase table of fp32 against bf16 autocast: `rounds` instrumented updates of each after one warm-up each,
+    interleaved (fp32, bf16, then bf16, fp32, ...) so that load from other processes hits both alike."""
+    phases = Phases(device)
+    hooks = phases.hook_world_model(agent.world_model)
+    runs = {"fp32": [], "bf16": []}
+    for r in range(rounds + 1):
+        for precision in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
+            phases.seconds.clear()
+            start = time.perf_counter()
+            instrumented_update(
+                m, agent, optimizers, buffer, a, rng, device, lambda p=precision: precision_autocast(device, p), phases
+            )
+            load = C.load_average()
+            note = "warm-up" if r == 0 else f"round {r}/{rounds}"
+            print(f"  {precision} update ({note}): {time.perf_counter() - start:.1f} s, load {load:.2f}", flush=True)
+            if r:
+                runs[precision].append(dict(phases.seconds))
+    for handle in hooks:
+        handle.remove()
+    share = float(np.mean(phases.distinct_shares))
+    medians = {p: {k: C.median([r.get(k, 0.0) for r in v]) for k in v[0]} for p, v in runs.items()}
+    rows = {p: breakdown_rows(a, seconds, {}, share) for p, seconds in medians.items()}
+    table = [
+        [label, 1e3 * t32, 1e3 * t16, t32 / t16 if t16 > 0 else None]
+        for (label, t32, _), (_, t16, _) in zip(rows["fp32"], rows["bf16"], strict=True)
+    ]
+    print(
+        f"\nworld model {a.batch_size} x {a.sequence_length}, imagination {a.imagine_batch_size} x "
+        f"({a.imagine_context_length} + {a.imagine_horizon}); medians of {rounds} interleaved rounds\n"
+    )
+    print(C.format_table(["phase", "fp32 ms", "bf16 autocast ms", "speed-up fp32 / bf16"], table))
+    chosen, why = precision_of("auto", device)
+    print(f"\n--precision auto picks {chosen} here ({why})\n", flush=True)
+
+
 def try_env():
     """(seconds per env step, note) of the Atari100k env, or (0, why not)."""
     try:
@@ -317,8 +358,20 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the imagination step, as drama_xs.py --compile"
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="precision of the phase table, as drama_xs.py --precision (auto: its rule; --bf16 = --precision bf16)",
+    )
+    parser.add_argument(
+        "--compare-precision",
+        action="store_true",
+        help="only the per-phase fp32 vs bf16 table of the first variant (--repeats interleaved rounds of each)",
+    )
     args = parser.parse_args()
     device = C.setup(args)
+    args.precision, precision_why = precision_of("bf16" if args.bf16 else args.precision, device)
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")  # rms_norm under autocast
     scale = args.scale if args.scale is not None else (0.5 if args.quick else 1.0)
     # at least one: the first (untimed) update counts the FLOPs; with --compile a second one compiles
@@ -327,7 +380,18 @@ def main() -> None:
     extra_repeats = 1 if args.quick else 3
 
     print("# DRAMA training update: phases, FLOPs, throughput\n")
-    print(C.machine_info(device, args.bf16))
+    print(C.machine_info(device, args.precision == "bf16"))
+    auto, auto_why = precision_of("auto", device)
+    print(f"- precision chosen: {args.precision} ({precision_why}); auto: {auto} ({auto_why})")
+    if args.compare_precision:
+        m = C.load_variant(args.variants.split(",")[0].strip())
+        torch.manual_seed(args.seed)
+        rng = np.random.default_rng(args.seed)
+        a, agent, optimizers = make_agent(m, scale, args.action_dim, device)
+        buffer = fill_buffer(m, max(args.buffer_steps, a.sequence_length + 1), args.action_dim, rng)
+        print(f"\n## {m.__name__}: fp32 vs bf16 autocast, per phase\n", flush=True)
+        compare_precisions(m, agent, optimizers, buffer, a, rng, device, repeats)
+        return
     print(
         f"- warm-up {warmup} update(s) (FLOPs counted on the first), median of {repeats}; extras: median of "
         f"{extra_repeats}"
@@ -366,7 +430,7 @@ def main() -> None:
 
 def run_variant(name, m, args, device, scale, warmup, repeats, peak, env_seconds, env_note, extra_repeats):
     def autocast():
-        return C.autocast(device, args.bf16)
+        return precision_autocast(device, args.precision)
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -511,21 +575,7 @@ def extras(m, agent, a, optimizers, buffer, rng, device, repeats, bf16_slowdown,
         )
     else:
         small = a
-    rows = []
-    for label, train, opt, sched in [
-        ("world-model update", m.train_world_model, optimizers[0], optimizers[1]),
-        ("actor-critic update (incl. imagination)", m.train_actor_critic, optimizers[2], optimizers[3]),
-    ]:
-        t = {}
-        for precision in ("fp32", "bf16"):
-
-            def update(train=train, opt=opt, sched=sched, bf16=precision == "bf16"):
-                train(agent, opt, sched, buffer, small, rng, device, C.autocast(device, bf16))
-
-            t[precision] = C.median(C.measure(update, device, 1, repeats))
-            print(f"  {label}, {precision}: done", flush=True)
-        rows.append([label, 1e3 * t["fp32"], 1e3 * t["bf16"], t["bf16"] / t["fp32"]])
-    print("\n" + C.format_table(["update", "fp32 ms", "bf16 autocast ms", "bf16 / fp32"], rows))
+    compare_precisions(m, agent, optimizers, buffer, small, rng, device, repeats)
 
     # relative error of the bf16 loss: same batch, same RNG state for the latent samples
     starts = buffer.sample_world_model_starts(a, rng)
