@@ -26,9 +26,9 @@ def play(env, policy, episodes: int, seed: int = 0) -> np.ndarray:
 
 def optimal_action(obs: np.ndarray, t: int) -> int:
     """Read the ball's and the paddle's columns off the pixels; move towards the ball."""
-    red = (obs[..., 0] > 200) & (obs[..., 1] < 100)  # (64, 64)
+    white = obs.min(-1) > 200  # (64, 64)
     blue = (obs[..., 2] > 200) & (obs[..., 0] < 100)
-    ball, paddle = np.flatnonzero(red.any(0)).mean(), np.flatnonzero(blue.any(0)).mean()
+    ball, paddle = np.flatnonzero(white.any(0)).mean(), np.flatnonzero(blue.any(0)).mean()
     return 1 + int(np.sign(ball - paddle))
 
 

@@ -3,7 +3,7 @@
 A ball falls down one of 8 columns, one row (of 16) per step; a paddle on the bottom row moves left, stays or
 moves right (actions 0, 1, 2), one column per step. When the ball reaches the bottom row (after 15 steps) the
 episode ends with reward +1 if the paddle is under it, -1 otherwise. Observations are 64x64x3 uint8 frames: a
-red 8x4 ball and a blue 8x4 paddle on black. The ball's column and the paddle's start column are drawn
+white 8x4 ball and a blue 8x4 paddle on black. The ball's column and the paddle's start column are drawn
 uniformly from the env's seeded generator at reset, so an episode is a function of the seed and the actions.
 
 Returns, in closed form:
@@ -18,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 
 COLUMNS, ROWS, CELL_WIDTH, CELL_HEIGHT = 8, 16, 8, 4  # 8 x 16 cells of 8 x 4 pixels: a 64 x 64 frame
-BALL_COLOR, PADDLE_COLOR = (255, 64, 64), (64, 160, 255)
+BALL_COLOR, PADDLE_COLOR = (255, 255, 255), (64, 160, 255)
 RANDOM_RETURN = 2 / COLUMNS - 1  # -0.75
 OPTIMAL_RETURN = 1.0
 EPISODE_LENGTH = ROWS - 1  # 15 steps
