@@ -23,14 +23,15 @@ def game_of(env_id: str) -> str:
 
 def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR on such a write end)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced by an object without a file: not a pipe
+        return False
     if not hasattr(select, "poll"):
         return True  # no poll (Windows): trust the BrokenPipeError
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError):  # stdout closed or not a file
-        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def quiet_broken_pipe(command: Callable[[], object]) -> object:

@@ -436,8 +436,10 @@ def profile_taus(groups: dict[str, dict[str, list[float]]], num: int = 201) -> n
     return np.linspace(low - pad, high + pad, num)
 
 
-def plot(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], path: Path, reps: int, seed: int):
-    """Performance profile (fraction of runs with HNS > tau) above the four interval estimates, one colour per exp."""
+def aggregate_figure(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], reps: int, seed: int):
+    """Performance profile (fraction of runs with HNS > tau) above the four interval estimates, one colour per exp.
+
+    Laid out by matplotlib's constrained layout: titles, tick labels and the legend stay inside the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -479,6 +481,14 @@ def plot(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], path
         ax.set_xlabel("HNS")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Atari100k human-normalised scores, 95% stratified-bootstrap CIs")
+    return fig
+
+
+def plot(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], path: Path, reps: int, seed: int):
+    """Write `aggregate_figure` as a PNG."""
+    fig = aggregate_figure(groups, table, reps, seed)  # first: it selects the Agg backend
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

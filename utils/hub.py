@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.run_dir} has no args.json: pass a run folder written by save_agent")
         config = read_config(run)
         module = _import_variant(str(config.get("variant")), run, False, False)
+        check_config(module.Args, config, run / "args.json")
         run_args = _build_args(module, config)
         if args.hf_entity is not None:
             run_args.hf_entity = args.hf_entity
