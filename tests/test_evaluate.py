@@ -334,13 +334,18 @@ def test_aggregate_cli_errors_are_one_line(tmp_path):
     other = tmp_path / "args.json"
     other.write_text(json.dumps({"lr": 1}))
     checks.append((_cli("aggregate", other, "--out", tmp_path / "out"), "not an evaluation result"))
-    tetris = tmp_path / "tetris.json"
-    tetris.write_text(json.dumps(_fake_results("ALE/Tetris-v5", 3.0)))
-    checks.append((_cli("aggregate", tetris, "--out", tmp_path / "out"), "unknown game"))
     for proc, message in checks:
         assert proc.returncode != 0
         assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "aggregate.csv").exists()
+    # a game outside Table 1 alone: a warning that it is left out, then the error that nothing is left
+    tetris = tmp_path / "tetris.json"
+    tetris.write_text(json.dumps(_fake_results("ALE/Tetris-v5", 3.0)))
+    proc = _cli("aggregate", tetris, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    warning, error = proc.stderr.splitlines()
+    assert warning.startswith("warning: ALE/Tetris-v5 is not one of the 26 Atari100k games")
+    assert error.startswith("error: none of the 1 results")
 
 
 def test_cli_help():

@@ -1,8 +1,12 @@
 """Shared helpers for the DRAMA scripts: Atari wrappers, evaluation, Hub push/pull, playing agents."""
 
+import os
 import re
+import select
 import sys
 from collections.abc import Callable
+
+SIGPIPE_EXIT_CODE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
 
 
 class UserError(Exception):
@@ -17,11 +21,56 @@ def game_of(env_id: str) -> str:
     return re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
 
 
-def run_cli(command: Callable[[], object]) -> int:
-    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, no traceback."""
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR on such a write end)."""
     try:
-        command()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced by an object without a file: not a pipe
+        return False
+    if not hasattr(select, "poll"):
+        return True  # no poll (Windows): trust the BrokenPipeError
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def quiet_broken_pipe(command: Callable[[], object]) -> object:
+    """Run `command()` and return what it returns; if the reader of stdout goes away (`... | head -1`), stop
+    quietly with exit code 141 (as Unix tools killed by SIGPIPE) instead of a BrokenPipeError traceback.
+
+    Wrap a script's whole entry point, argument parsing included (`--help | head -1`):
+    `sys.exit(quiet_broken_pipe(lambda: main(tyro.cli(Args))))`. stdout is flushed before returning (also on
+    SystemExit, as after --help), so a write that fails surfaces here, not at interpreter exit; then stdout is
+    pointed at os.devnull, so that Python's own flush at exit cannot fail again (Python docs, "Note on
+    SIGPIPE"). A BrokenPipeError of another pipe (a subprocess, a socket) is not swallowed.
+    """
+    try:
+        try:
+            result = command()
+        except SystemExit:
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return result
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return SIGPIPE_EXIT_CODE
+
+
+def run_cli(command: Callable[[], object]) -> int:
+    """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, no traceback;
+    a closed stdout (`| head -1`) ends it quietly with exit code 141 (`quiet_broken_pipe`)."""
+
+    def run() -> int:
+        try:
+            command()
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+
+    return quiet_broken_pipe(run)

@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -88,6 +89,69 @@ def episode_quotas(episodes: int, num_envs: int) -> np.ndarray:
     return quotas
 
 
+def action_meanings(env: gym.Env) -> tuple[str, ...] | None:
+    """What each action of an ALE env does (NOOP, FIRE, UP, ...), None for other envs."""
+    get = getattr(env.unwrapped, "get_action_meanings", None)
+    return tuple(get()) if get is not None else None
+
+
+def trained_action_meanings(env_id: str) -> tuple[str, ...] | None:
+    """The action meanings of the ALE game an agent was trained on (its minimal action set, as make_env plays it);
+    None for other envs or an id this ALE does not know."""
+    if not is_atari(env_id):
+        return None
+    try:
+        env = gym.make(env_id, full_action_space=False)
+    except Exception:  # an id from another ALE version: nothing to compare with
+        return None
+    try:
+        return action_meanings(env)
+    finally:
+        env.close()
+
+
+def check_agent_actions(env: gym.Env, env_id: str, action_dim: int | None, trained_on: str | None) -> None:
+    """Refuse to play an agent whose actions would mean other things in `env` (built from `env_id`).
+
+    action_dim: the agent's action count (None: not known, not checked); trained_on: the env id it was trained
+    on (None: not known). Policy:
+    - another action count: a one-line UserError naming both counts (ALE would fail inside with an IndexError,
+      or, with more actions than the agent, silently play with only the first few);
+    - the same count on another ALE game whose actions mean other things (Pong's action 2 is RIGHT, Qbert's UP):
+      a UserError naming both meanings, as the scores would say nothing about the agent;
+    - the same count on another game with the same action meanings (Pong and SpaceInvaders, any two 18-action
+      games), or another non-ALE env: a warning only, since playing a game the agent never saw is a legitimate
+      transfer experiment, but its scores do not measure the agent on its own game.
+    """
+    env_actions = int(env.action_space.n)
+    trained = f" (on {trained_on})" if trained_on else ""
+    if action_dim is not None and env_actions != action_dim:
+        raise UserError(
+            f"{env_id} has {env_actions} actions but the agent was trained with {action_dim}{trained}: "
+            f"play it on a game with {action_dim} actions"
+        )
+    if not trained_on or game_of(trained_on).lower() == game_of(env_id).lower():
+        return
+    ours, theirs = action_meanings(env), trained_action_meanings(trained_on)
+    if ours is not None and theirs is not None and ours != theirs:
+        if len(ours) != len(theirs):  # an agent that does not say its action count
+            raise UserError(
+                f"{env_id} has {len(ours)} actions but the agent was trained on {trained_on}, which has "
+                f"{len(theirs)}: play it on {trained_on}"
+            )
+        differ = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+        raise UserError(
+            f"the agent was trained on {trained_on}, whose action {differ} is {theirs[differ]}, but in {env_id} "
+            f"action {differ} is {ours[differ]}: its actions would do other things; play it on {trained_on}"
+        )
+    same = "with the same meanings" if ours is not None and ours == theirs else "whose meanings may differ"
+    warnings.warn(
+        f"the agent was trained on {trained_on}, not {env_id} (same {env_actions} actions, {same}): "
+        "the scores measure transfer to a game it never saw",
+        stacklevel=1,  # one location: load_agent and evaluate on the same pair warn once
+    )
+
+
 def evaluate(
     agent,
     env_id: str,
@@ -113,6 +177,10 @@ def evaluate(
     RecordEpisodeStatistics (inside make_env) measured: every reward counted, lengths in agent steps.
     Env i is seeded with seed + i and contributes `episode_quotas(episodes, num_envs)[i]` episodes; envs
     that filled their quota keep running (their episodes are ignored) until all quotas are filled.
+
+    Before the first step, the agent's `action_dim` and the env id it was trained on (`agent.args.env_id`),
+    where the agent has them (every DRAMA Agent does), are checked against the env (`check_agent_actions`):
+    another action count, or another ALE game whose actions mean other things, is a one-line UserError.
     """
     if episodes < 1:
         raise UserError(f"episodes must be >= 1, got {episodes}")
@@ -138,6 +206,9 @@ def evaluate(
     returns, lengths = [], []
     finished = np.zeros(num_envs, dtype=np.int64)
     try:
+        action_dim = getattr(agent, "action_dim", None)
+        trained_on = getattr(getattr(agent, "args", None), "env_id", None)
+        check_agent_actions(envs.envs[0], env_id, None if action_dim is None else int(action_dim), trained_on)
         agent.reset(num_envs)
         obs, _ = envs.reset(seed=seed)
         episode_start = np.ones(num_envs, dtype=bool)
@@ -296,7 +367,10 @@ def _result_files(patterns: list[str]) -> list[tuple[Path, bool]]:
 
 def load_results(patterns: list[str]) -> list[dict]:
     """Read result JSONs written by save_results. Files found by searching a directory that are not result
-    files (no "env_id"/"mean"/"protocol") are skipped; files named explicitly must be result files."""
+    files (no "env_id"/"mean"/"protocol") are skipped; files named explicitly must be result files.
+
+    Each result gets "game" (Table 1's name for an Atari100k game, else the env id's game) and "hns" (None
+    for an env outside Table 1's 26 games, e.g. drama/Catch-v0: it has no random/human score)."""
     results = []
     for path, explicit in _result_files(patterns):
         try:
@@ -316,14 +390,28 @@ def load_results(patterns: list[str]) -> list[dict]:
             score = float(data["mean"])
         except (TypeError, ValueError):
             raise UserError(f"{path}: 'mean' is {data['mean']!r}, not a number: re-run the evaluation") from None
-        game = game_name(str(data["env_id"]))
-        results.append({**data, "game": game, "hns": human_normalized_score(game, score), "path": str(path)})
+        env_id = str(data["env_id"])
+        if game_of(env_id).lower() in {g.lower() for g in _table1()}:
+            game = game_name(env_id)
+            hns = human_normalized_score(game, score)
+        else:
+            game, hns = env_id, None  # no Table 1 name: the env id itself
+        results.append({**data, "mean": score, "game": game, "hns": hns, "path": str(path)})
     if not results:
         raise UserError(
             f"no evaluation results found in {' '.join(patterns)}: pass directories or globs of JSON files "
             "written by utils.evaluate.save_results"
         )
     return results
+
+
+def split_normalisable(results: list[dict]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(results of Atari100k games, {env_id: results without a human-normalised score})."""
+    skipped: dict[str, list[dict]] = {}
+    for r in results:
+        if r["hns"] is None:
+            skipped.setdefault(str(r["env_id"]), []).append(r)
+    return [r for r in results if r["hns"] is not None], skipped
 
 
 def group_scores(results: list[dict], key: str = "hns") -> dict[str, dict[str, list[float]]]:
@@ -339,60 +427,96 @@ def _format(m: dict) -> str:
     return f"{m['estimate']:7.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
-def plot(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], path: Path, reps: int, seed: int):
-    """Performance profile (fraction of runs with HNS > tau) and interval estimates, one colour per exp."""
+def profile_taus(groups: dict[str, dict[str, list[float]]], num: int = 201) -> np.ndarray:
+    """Thresholds of the performance profile: from below the lowest score to above the highest (and at least
+    0..1, random to human), so that every curve falls from 1 to 0 whatever the sign of the scores."""
+    scores = np.concatenate([np.asarray(v, dtype=np.float64) for g in groups.values() for v in g.values()])
+    low, high = min(0.0, scores.min()), max(1.0, scores.max())
+    pad = 0.05 * (high - low)
+    return np.linspace(low - pad, high + pad, num)
+
+
+def aggregate_figure(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], reps: int, seed: int):
+    """Performance profile (fraction of runs with HNS > tau) above the four interval estimates, one colour per exp.
+
+    Laid out by matplotlib's constrained layout: titles, tick labels and the legend stay inside the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = list(groups)
     colors = plt.get_cmap("tab10")
-    top = max(2.0, *(max(max(v) for v in g.values()) for g in groups.values()))
-    taus = np.linspace(0.0, top, 201)
-    fig = plt.figure(figsize=(16, 3.5 + 0.3 * len(names)))
-    grid = fig.add_gridspec(1, 6)
-    ax = fig.add_subplot(grid[0, :2])
+    taus = profile_taus(groups)
+    fig = plt.figure(figsize=(13, 6.5 + 0.35 * len(names)), layout="constrained")
+    grid = fig.add_gridspec(2, 4, height_ratios=[3, 1 + 0.35 * len(names)])
+    ax = fig.add_subplot(grid[0, :])
     for k, name in enumerate(names):
         fraction, low, high = performance_profile(groups[name], taus, reps, seed)
         ax.plot(taus, fraction, color=colors(k % 10), label=name)
         ax.fill_between(taus, low, high, color=colors(k % 10), alpha=0.2)
+    for level in (0.0, 1.0):
+        label = "random and human (HNS 0 and 1)" if level == 0.0 else None
+        ax.axvline(level, color="gray", linestyle="--", linewidth=0.8, label=label)
+    ax.set_xlim(taus[0], taus[-1])
+    ax.set_ylim(0.0, 1.02)
     ax.set_xlabel(r"human-normalised score $\tau$")
     ax.set_ylabel(r"fraction of runs with score > $\tau$")
     ax.set_title("Performance profile")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     for j, metric in enumerate(METRICS):
-        ax = fig.add_subplot(grid[0, 2 + j])
+        ax = fig.add_subplot(grid[1, j])
         for k, name in enumerate(names):
             m = table[name][metric]
             ax.barh(k, m["high"] - m["low"], left=m["low"], height=0.6, color=colors(k % 10), alpha=0.6)
             ax.vlines(m["estimate"], k - 0.3, k + 0.3, color="black")
         ax.set_yticks(range(len(names)), names if j == 0 else [""] * len(names))
+        ax.set_ylim(len(names) - 0.5, -0.5)  # the first exp on top, as in the legend
+        ax.use_sticky_edges = False  # a margin on both sides of the intervals, not bars flush with the frame
+        ax.margins(x=0.08)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
         ax.set_title(METRIC_TITLES[metric])
         ax.set_xlabel("HNS")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Atari100k human-normalised scores, 95% stratified-bootstrap CIs")
-    fig.tight_layout()
+    return fig
+
+
+def plot(groups: dict[str, dict[str, list[float]]], table: dict[str, dict], path: Path, reps: int, seed: int):
+    """Write `aggregate_figure` as a PNG."""
+    fig = aggregate_figure(groups, table, reps, seed)  # first: it selects the Agg backend
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def run_aggregate(patterns: list[str], out: str, reps: int = 2000, seed: int = 0) -> dict[str, dict]:
-    """Read results, print the table, write aggregate.csv, per_game.csv and aggregate.png into `out`."""
+    """Read results, write aggregate.csv, per_game.csv and aggregate.png into `out`, print the table.
+
+    Results of envs outside Table 1's 26 games (drama/Catch-v0, MiniGrid, other ALE games) have no
+    human-normalised score: each such env is left out of the aggregate with one warning line on stderr, and
+    its raw scores still go to per_game.csv (mean_hns empty). The files are written before anything is
+    printed, so `... | head -1` still writes them."""
     results = load_results(patterns)
-    groups = group_scores(results)
+    atari, skipped = split_normalisable(results)
+    for env_id, rs in skipped.items():
+        print(
+            f"warning: {env_id} is not one of the 26 Atari100k games of Table 1 (no random/human score): its "
+            f"{len(rs)} result(s) are left out of the human-normalised aggregate, raw scores in per_game.csv",
+            file=sys.stderr,
+        )
+    if not atari:
+        raise UserError(
+            f"none of the {len(results)} results in {' '.join(patterns)} is an Atari100k game: the aggregate "
+            f"needs human-normalised scores, which Table 1 has for {', '.join(_table1())} only"
+        )
+    groups = group_scores(atari)
     table = {name: aggregate(scores, reps, seed) for name, scores in groups.items()}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    width = max(8, *(len(n) for n in table))
-    header = f"{'exp_name':<{width}} {'games':>5} {'runs':>5}" + "".join(
-        f"  {METRIC_TITLES[m] + ' [95% CI]':<25}" for m in METRICS
-    )
-    print(header)
-    for name, t in table.items():
-        print(f"{name:<{width}} {t['games']:>5} {t['runs']:>5}" + "".join(f"  {_format(t[m]):<25}" for m in METRICS))
 
     with open(out_dir / "aggregate.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -404,11 +528,19 @@ def run_aggregate(patterns: list[str], out: str, reps: int = 2000, seed: int = 0
         writer = csv.writer(f)
         writer.writerow(["exp_name", "game", "runs", "mean_score", "mean_hns"])
         returns = group_scores(results, key="mean")
-        for name, scores in groups.items():
+        for name, scores in returns.items():
             for game in sorted(scores):
-                raw = [float(v) for v in returns[name][game]]
-                writer.writerow([name, game, len(raw), np.mean(raw), np.mean(scores[game])])
+                hns = groups.get(name, {}).get(game)
+                writer.writerow([name, game, len(scores[game]), np.mean(scores[game]), np.mean(hns) if hns else ""])
     plot(groups, table, out_dir / "aggregate.png", reps, seed)
+
+    width = max(8, *(len(n) for n in table))
+    header = f"{'exp_name':<{width}} {'games':>5} {'runs':>5}" + "".join(
+        f"  {METRIC_TITLES[m] + ' [95% CI]':<25}" for m in METRICS
+    )
+    print(header)
+    for name, t in table.items():
+        print(f"{name:<{width}} {t['games']:>5} {t['runs']:>5}" + "".join(f"  {_format(t[m]):<25}" for m in METRICS))
     print(f"wrote {out_dir / 'aggregate.csv'}, {out_dir / 'per_game.csv'}, {out_dir / 'aggregate.png'}")
     return table
 

@@ -21,8 +21,10 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import math
 import re
 import sys
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -45,11 +47,16 @@ MANAGED_PATTERNS = ("agent.safetensors", "args.json", "eval_results.json", "repl
 # Upload
 # --------------------------------------------------------------------------------------------------
 def read_config(folder: Path) -> dict:
-    """The `args.json` of a saved agent; a one-line UserError when it is not valid JSON."""
+    """The `args.json` of a saved agent; a one-line UserError when it is not a valid JSON object."""
     try:
-        return json.loads((folder / "args.json").read_text())
+        config = json.loads((folder / "args.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{folder / 'args.json'} is not valid JSON: re-download or re-save the agent") from None
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{folder / 'args.json'} holds a JSON {type(config).__name__}, not an object: re-save the agent"
+        )
+    return config
 
 
 def default_repo_id(args, api: HfApi | None = None) -> str:
@@ -372,6 +379,83 @@ def _build_args(module, config: dict):
     return module.Args(**kwargs)
 
 
+PLURALS = {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}
+
+
+def _expected_type(value, hint) -> str | None:
+    """None when a value read from JSON fits an Args field's type hint, else what the field needs, in words.
+
+    Handles the hints Args uses (bool, int, float, str, Literal, X | None, tuple[X, ...]); other hints pass."""
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is typing.Literal:
+        return None if value in params else f"one of {', '.join(json.dumps(p) for p in params)}"
+    if origin in (typing.Union, types.UnionType):
+        needs = [_expected_type(value, p) for p in params]
+        return None if None in needs else " or ".join(needs)
+    if origin is tuple and len(params) == 2 and params[1] is Ellipsis:
+        fits = isinstance(value, list) and all(_expected_type(v, params[0]) is None for v in value)
+        return None if fits else f"a list of {PLURALS.get(params[0], 'values')}"
+    if hint is type(None):
+        return None if value is None else "null"
+    return None
+
+
+def check_config(args_class, config, path: Path) -> None:
+    """Refuse an args.json whose fields do not fit `args_class` (the variant's Args): one line naming the field
+    and the file, before any model is built from it. Keys Args does not know are ignored (as `_build_args`)."""
+    hints = typing.get_type_hints(args_class)
+    for field in dataclasses.fields(args_class):
+        if field.name in config:
+            expected = _expected_type(config[field.name], hints.get(field.name, object))
+            if expected is not None:
+                raise UserError(
+                    f"{path}: {field.name!r} is {json.dumps(config[field.name])}, but {args_class.__name__}."
+                    f"{field.name} needs {expected}: fix it or re-save the agent"
+                )
+
+
+def check_ranges(module, args, path: Path) -> None:
+    """The variant's own checks of its Args (`check_args`: positive sizes, headdim dividing expand * d_model, ...),
+    with the file named: an args.json edited by hand must not build a broken model."""
+    check_args = getattr(module, "check_args", None)
+    if check_args is None:
+        return
+    try:
+        check_args(args)
+    except UserError as error:
+        raise UserError(f"{path} does not describe a valid {module.__name__} run: {error}") from None
+
+
+def check_env_actions(env_id: str, action_dim: int, trained_on: str | None) -> None:
+    """Build one `env_id` env and check the agent's actions against it (utils.evaluate.check_agent_actions)."""
+    from utils.atari import make_env
+    from utils.evaluate import check_agent_actions
+
+    env = make_env(env_id, 0, 0, False, "check")()
+    try:
+        check_agent_actions(env, env_id, action_dim, trained_on)
+    finally:
+        env.close()
+
+
+def check_finite(state: dict, path: Path) -> None:
+    """Refuse weights holding NaN or inf (a diverged training or a damaged file): one line naming the tensor."""
+    import torch
+
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{path} holds NaN or inf in {key}: the training diverged or the file is damaged")
+
+
 def _resolve_device(device: str):
     import torch
 
@@ -433,26 +517,25 @@ def load_agent(
             f"checkpoint {repo_id_or_path} is from {saved_variant}, not {variant}: load it with "
             f"{saved_variant} (variant={saved_variant!r}) or leave the variant out"
         )
-    action_dim = int(config.get("action_dim", metadata.get("action_dim", -1)))
-    if action_dim < 1 or int(metadata.get("action_dim", action_dim)) != action_dim:
+    action_dim = config.get("action_dim", metadata.get("action_dim", -1))
+    if isinstance(action_dim, bool) or not str(action_dim).isdigit() or int(action_dim) < 1:
+        raise UserError(
+            f"{folder / 'args.json'}: 'action_dim' is {json.dumps(action_dim)}, not a positive integer: "
+            "re-save the agent"
+        )
+    action_dim = int(action_dim)
+    if str(metadata.get("action_dim", action_dim)) != str(action_dim):
         raise UserError(f"args.json and agent.safetensors in {folder} disagree on action_dim: re-save the agent")
     if env_id is not None:
-        from utils.atari import make_env
-
-        env = make_env(env_id, 0, 0, False, "check")()
-        env_actions = int(env.action_space.n)
-        env.close()
-        if env_actions != action_dim:
-            raise UserError(
-                f"{env_id} has {env_actions} actions but the agent was trained with {action_dim} "
-                f"(on {config.get('env_id', '?')}): play it on a game with {action_dim} actions"
-            )
+        check_env_actions(env_id, action_dim, str(config.get("env_id") or metadata.get("env_id") or "") or None)
 
     # build the model, then check every key and shape before copying weights
     module = _import_variant(saved_variant, folder, from_hub, trust_remote_code)
     if not hasattr(module, "Args") or not hasattr(module, "Agent"):
         raise UserError(f"{module.__file__} has no Args or Agent: it is not a DRAMA variant script")
+    check_config(module.Args, config, folder / "args.json")
     args = _build_args(module, config)
+    check_ranges(module, args, folder / "args.json")
     agent = module.Agent(args, action_dim)
     expected = {key: tuple(value.shape) for key, value in agent.state_dict().items()}
     if missing := sorted(expected.keys() - shapes.keys()):
@@ -474,6 +557,7 @@ def load_agent(
         state = load_file(str(weights), device="cpu")
     except Exception:
         raise UserError(corrupted) from None
+    check_finite(state, weights)
     agent.load_state_dict(state)
     return agent.to(torch_device).eval()
 
@@ -500,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.run_dir} has no args.json: pass a run folder written by save_agent")
         config = read_config(run)
         module = _import_variant(str(config.get("variant")), run, False, False)
+        check_config(module.Args, config, run / "args.json")
         run_args = _build_args(module, config)
         if args.hf_entity is not None:
             run_args.hf_entity = args.hf_entity
