@@ -54,10 +54,12 @@ def check_env_id(env_id: str) -> None:
         return
     close = difflib.get_close_matches(game_of(env_id), [e[4:-3] for e in valid], n=1)  # ALE/Krul-v5 -> Krull
     hint = f" Did you mean 'ALE/{close[0]}-v5'?" if close else ""
+    if is_atari(env_id):
+        raise UserError(f"Unknown env id '{env_id}': expected a registered 'ALE/<Game>-v5' id.{hint} List them with: "
+                        f"{LIST_IDS_CMD}")  # fmt: skip
     raise UserError(
-        f"Unknown env id '{env_id}': expected a registered 'ALE/<Game>-v5' id or another registered Gymnasium id "
-        f"with image observations (drama/Catch-v0; 'package:EnvId' imports the package that registers EnvId).{hint} "
-        f"List the ALE ids with: {LIST_IDS_CMD}"
+        f"Unknown env id '{env_id}': expected an 'ALE/<Game>-v5' id or another registered Gymnasium id with image "
+        f"observations (drama/Catch-v0; 'package:EnvId' imports the package that registers EnvId).{hint}"
     )
 
 
