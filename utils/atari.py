@@ -41,6 +41,11 @@ def is_atari(env_id: str) -> bool:
     return env_id.startswith("ALE/")
 
 
+def is_ale_entry_point(env_id: str) -> bool:
+    """An ALE game registered under another id (PongNoFrameskip-v4, Pong-v4)."""
+    return env_id in gym.registry and "ale_py" in str(gym.registry[env_id].entry_point)
+
+
 def check_env_id(env_id: str) -> None:
     """Raise a one-line `UserError` unless `env_id` is a registered `ALE/<Game>-v5` id or another registered id."""
     valid = [e for e in gym.registry if e.startswith("ALE/") and e.endswith("-v5")]
@@ -50,11 +55,11 @@ def check_env_id(env_id: str) -> None:
             importlib.import_module(module)
         except ImportError as error:
             raise UserError(f"{env_id}: cannot import {module} ({error}): pip install it") from None
-    if env_id in valid or (not is_atari(name) and name in gym.registry):
+    if env_id in valid or (not is_atari(name) and name in gym.registry and not is_ale_entry_point(name)):
         return
     close = difflib.get_close_matches(game_of(env_id), [e[4:-3] for e in valid], n=1)  # ALE/Krul-v5 -> Krull
     hint = f" Did you mean 'ALE/{close[0]}-v5'?" if close else ""
-    if is_atari(env_id):
+    if is_atari(env_id) or is_ale_entry_point(env_id):  # Atari games run under the Atari100k protocol only
         raise UserError(f"Unknown env id '{env_id}': expected a registered 'ALE/<Game>-v5' id.{hint} List them with: "
                         f"{LIST_IDS_CMD}")  # fmt: skip
     raise UserError(
