@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import drama_xs
 from utils import dream as dr
+from utils.checkpoint import save_agent
 
 REPO = Path(__file__).resolve().parent.parent
 PONG_MEANINGS = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
@@ -210,7 +211,7 @@ def run_cli(*argv, cwd):
 def test_cli_writes_video_and_curves(tiny_agent, tmp_path):
     import imageio.v2 as imageio
 
-    drama_xs.save_agent(tiny_agent, tiny_args(), str(tmp_path / "agent"))
+    save_agent(tiny_agent, tiny_args(), str(tmp_path / "agent"), "drama_xs")
     out = tmp_path / "out"
     flags = ["--max-steps", "40", "--context-length", "4", "--horizon", "6", "--windows", "2", "--max-starts", "8"]
     proc = run_cli(
