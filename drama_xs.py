@@ -201,21 +201,16 @@ def check_args(args: Args) -> None:
     """Fail early, with one line naming the fix, on values the model cannot work with (ranges: utils/checks.py)."""
     check_ranges(args)
     if args.imagine_context_length > args.sequence_length:
-        raise UserError(
-            f"--imagine-context-length {args.imagine_context_length} is longer than "
-            f"--sequence-length {args.sequence_length}: lower it or raise --sequence-length"
-        )
+        raise UserError(f"--imagine-context-length {args.imagine_context_length} is longer than --sequence-length "
+                        f"{args.sequence_length}: lower it or raise --sequence-length")
     if args.tau <= 0 or args.tau_img <= 0:
         raise UserError(f"the DFS temperatures --tau {args.tau} and --tau-img {args.tau_img} must be positive")
     if args.headdim <= 0 or args.chunk_size <= 0 or (args.expand * args.d_model) % args.headdim:
-        raise UserError(
-            f"--headdim {args.headdim} must be positive and divide expand * d_model = {args.expand * args.d_model}, "
-            f"and --chunk-size {args.chunk_size} must be positive"
-        )
+        raise UserError(f"--headdim {args.headdim} must be positive and divide expand * d_model = "
+                        f"{args.expand * args.d_model}, and --chunk-size {args.chunk_size} must be positive")
     if len(args.encoder_filters) < 2 or 64 % 2 ** (len(args.encoder_filters) - 1) or min(args.encoder_filters) <= 0:
-        raise UserError(
-            "--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next halves it)"
-        )
+        raise UserError("--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next "
+                        "halves it)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,11 +251,8 @@ class Decoder(nn.Module):
         self.linear = nn.Linear(latent_dim, math.prod(self.start_shape))
         layers = [nn.BatchNorm2d(mirrored[0]), nn.SiLU()]
         for in_channels, out_channels in zip(mirrored[:-1], mirrored[1:], strict=True):
-            layers += [
-                nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1),
-                nn.BatchNorm2d(out_channels),
-                nn.SiLU(),
-            ]
+            deconv = nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1)
+            layers += [deconv, nn.BatchNorm2d(out_channels), nn.SiLU()]
         layers += [nn.ConvTranspose2d(mirrored[-1], 3, 5, 1, 2)]
         self.net = nn.Sequential(*layers)
 
@@ -416,16 +408,8 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
         A = -torch.exp(self.A_log.float())  # (H,)
         if u.is_cuda and mamba_chunk_scan_combined is not None:
-            y, ssm_state = mamba_chunk_scan_combined(
-                x,
-                dt,
-                A,
-                B[:, :, None],
-                C[:, :, None],
-                self.chunk_size,
-                initial_states=initial_state,
-                return_final_states=True,
-            )
+            y, ssm_state = mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
+                                                     initial_states=initial_state, return_final_states=True)
         else:
             y, ssm_state = ssd_scan(x, dt, A, B, C, self.chunk_size, initial_state)
         y = y + x * self.D[:, None]  # (B, L, H, P)
@@ -478,9 +462,8 @@ class Dynamics(nn.Module):
     def __init__(self, args: Args, latent_dim: int, action_dim: int):
         super().__init__()
         self.action_dim = action_dim
-        self.stem = nn.Sequential(
-            nn.Linear(latent_dim + action_dim, args.d_model), nn.RMSNorm(args.d_model, eps=1e-6), nn.SiLU()
-        )
+        stem = nn.Linear(latent_dim + action_dim, args.d_model)
+        self.stem = nn.Sequential(stem, nn.RMSNorm(args.d_model, eps=1e-6), nn.SiLU())
         self.blocks = nn.ModuleList(MambaBlock(args) for _ in range(args.n_layers))
         self.norm = nn.RMSNorm(args.d_model, eps=1e-5)
         nn.init.zeros_(self.stem[0].bias)
@@ -625,30 +608,16 @@ class WorldModel(nn.Module):
         representation_kl = categorical_kl(next_posterior, prior.detach()).mean()
         dynamics_loss = dynamics_kl.clamp(min=self.args.free_bits)
         representation_loss = representation_kl.clamp(min=self.args.free_bits)
-        total = (
-            reconstruction_loss
-            + reward_loss
-            + termination_loss
-            + self.args.dyn_loss_scale * dynamics_loss
-            + self.args.rep_loss_scale * representation_loss
-        )
-        return total, {
-            "reconstruction_loss": reconstruction_loss,
-            "reward_loss": reward_loss,
-            "termination_loss": termination_loss,
-            "dynamics_kl": dynamics_kl,
-            "representation_kl": representation_kl,
-            "world_model_loss": total,
-        }
+        total = reconstruction_loss + reward_loss + termination_loss  # paper eq. 7
+        total = total + self.args.dyn_loss_scale * dynamics_loss + self.args.rep_loss_scale * representation_loss
+        return total, dict(reconstruction_loss=reconstruction_loss, reward_loss=reward_loss,
+                           termination_loss=termination_loss, dynamics_kl=dynamics_kl,
+                           representation_kl=representation_kl, world_model_loss=total)  # fmt: skip
 
     def parameter_counts(self) -> dict[str, int]:
-        parts = {
-            "encoder": [self.encoder],
-            "decoder": [self.decoder],
-            "dynamics": [self.dynamics],
-            "posterior+prior heads": [self.posterior_head, self.prior_head],
-            "reward+termination heads": [self.reward_head, self.termination_head],
-        }
+        parts = {"encoder": [self.encoder], "decoder": [self.decoder], "dynamics": [self.dynamics],
+                 "posterior+prior heads": [self.posterior_head, self.prior_head],
+                 "reward+termination heads": [self.reward_head, self.termination_head]}  # fmt: skip
         counts = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in parts.items()}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
@@ -739,9 +708,8 @@ class ActorCritic(nn.Module):
         values = self.twohot.decode(critic_logits.detach())  # (B, H+1)
         with torch.no_grad():
             returns = lambda_returns(rewards, continuations, values, self.args.gamma, self.args.lam)
-            slow_returns = lambda_returns(
-                rewards, continuations, self.value(features, slow=True), self.args.gamma, self.args.lam
-            )
+            slow_values = self.value(features, slow=True)  # (B, H+1)
+            slow_returns = lambda_returns(rewards, continuations, slow_values, self.args.gamma, self.args.lam)
             low, high = nearest_rank(returns, 0.05), nearest_rank(returns, 0.95)
             decay = self.args.return_norm_decay
             self.return_low.lerp_(low, 1 - decay)
@@ -753,13 +721,8 @@ class ActorCritic(nn.Module):
         actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
         critic_logits = critic_logits[:, :-1]  # (B, H, 255): the states whose returns are known
         critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
-        return actor_loss + critic_loss, {
-            "actor_loss": actor_loss,
-            "critic_loss": critic_loss,
-            "entropy": entropy.mean(),
-            "return_scale": scale,
-            "imagined_return": returns.mean(),
-        }
+        return actor_loss + critic_loss, dict(actor_loss=actor_loss, critic_loss=critic_loss, entropy=entropy.mean(),
+                                              return_scale=scale, imagined_return=returns.mean())  # fmt: skip
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -951,21 +914,15 @@ class ReplayBuffer:
         "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
         """
         index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
-        batch = {
-            "actions": self.actions[index],
-            "rewards": self.rewards[index],
-            "terminations": self.terminations[index],
-        }
+        batch = dict(actions=self.actions[index], rewards=self.rewards[index], terminations=self.terminations[index])
         if distinct_frames:
             distinct, inverse = np.unique(index, return_inverse=True)
             batch["frames"], batch["frame_index"] = self.obs[distinct], inverse.reshape(index.shape)
         else:
             batch["obs"] = self.obs[index]
         pin = torch.device(device).type == "cuda"
-        return {
-            k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=True)
-            for k, v in batch.items()
-        }
+        tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -1028,24 +985,17 @@ def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, a
     batch = buffer.sequences(starts, args.imagine_context_length, device, distinct_frames=True)
     agent.world_model.eval()
     with autocast:
-        features, actions, rewards, continuations = imagine(
-            agent.world_model,
-            agent.actor_critic,
-            batch["frames"],
-            batch["frame_index"],
-            batch["actions"],
-            args.imagine_horizon,
-            step,
-        )
+        features, actions, rewards, continuations = imagine(agent.world_model, agent.actor_critic, batch["frames"],
+                                                            batch["frame_index"], batch["actions"],
+                                                            args.imagine_horizon, step)  # fmt: skip
     features = features.float()
     agent.actor_critic.norm.update(features.flatten(0, 1))
     with autocast:
         loss, metrics = agent.actor_critic.loss(features, actions, rewards.float(), continuations.float())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    metrics["actor_critic_grad_norm"] = nn.utils.clip_grad_norm_(
-        [p for p in agent.actor_critic.parameters() if p.requires_grad], args.ac_grad_clip
-    )
+    trained = [p for p in agent.actor_critic.parameters() if p.requires_grad]  # not the slow critic
+    metrics["actor_critic_grad_norm"] = nn.utils.clip_grad_norm_(trained, args.ac_grad_clip)
     optimizer.step()
     scheduler.step()
     agent.actor_critic.update_slow_critic()
