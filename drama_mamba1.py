@@ -285,13 +285,15 @@ def categorical_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-1 mixer (Gu & Dao, 2024), pure PyTorch, with mamba_ssm's parameter names and inference cache.
 #
-# Each channel d has its own diagonal A (D x N), and dt, B, C depend on the input (selective SSM, S6):
+# Glossary: B batch, L sequence length, D d_model, E d_inner = expand * D, N state size, K d_conv,
+# R dt_rank = ceil(D / 16). Each inner channel has its own diagonal A (E x N), and dt, B, C depend on the input
+# (selective SSM, S6):
 # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t (paper eq. 1, Mamba eq. 2 and 4).
 # On CPU the scan is a loop over time steps; on CUDA, mamba_ssm's fused selective_scan_fn when importable.
 # ----------------------------------------------------------------------------------------------------------
 def selective_scan_step(
     h: torch.Tensor,
-    u: torch.Tensor,
+    x: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -300,19 +302,19 @@ def selective_scan_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the discretised selective SSM (Gu & Dao 2024, eq. 2a-2b with eq. 4's A-bar).
 
-    h: (B, D, N) state before the step    u: (B, D) input x_t      delta: (B, D) step size, > 0
-    A: (D, N) negative real               B, C: (B, N)              D: (D,) skip
-    Returns y: (B, D) and the new state h: (B, D, N).
+    h: (B, E, N) state before the step    x: (B, E) input x_t      delta: (B, E) step size, > 0
+    A: (E, N) negative real               B, C: (B, N)              D: (E,) skip
+    Returns y: (B, E) and the new state h: (B, E, N).
     """
-    dA = torch.exp(delta[..., None] * A)  # (B, D, N)  A-bar = exp(delta A), eq. 4 (ZOH)
-    dBu = (delta * u)[..., None] * B[:, None]  # (B, D, N)  B-bar x_t with B-bar ~ delta B, as mamba_ssm
-    h = dA * h + dBu  # (B, D, N)  eq. 2a
-    y = (h @ C[..., None]).squeeze(-1) + D * u  # (B, D)  eq. 2b, plus the skip connection D
+    dA = torch.exp(delta[..., None] * A)  # (B, E, N)  A-bar = exp(delta A), eq. 4 (ZOH)
+    dBu = (delta * x)[..., None] * B[:, None]  # (B, E, N)  B-bar x_t with B-bar ~ delta B, as mamba_ssm
+    h = dA * h + dBu  # (B, E, N)  eq. 2a
+    y = (h @ C[..., None]).squeeze(-1) + D * x  # (B, E)  eq. 2b, plus the skip connection D
     return y, h
 
 
 def selective_scan(
-    u: torch.Tensor,
+    x: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -322,37 +324,31 @@ def selective_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective scan over a sequence (Algorithm 2, line 7: y = SSM(A-bar, B-bar, C)(x)).
 
-    u: (B, L, D)   delta: (B, L, D)   A: (D, N)   B, C: (B, L, N)   D: (D,)   initial_state: (B, D, N)
-    Returns y: (B, L, D) and the state after the last step: (B, D, N).
+    x: (B, L, E)   delta: (B, L, E)   A: (E, N)   B, C: (B, L, N)   D: (E,)   initial_state: (B, E, N)
+    Returns y: (B, L, E) and the state after the last step: (B, E, N).
 
     A sequential loop over L, one `selective_scan_step` per time step. On a 2-core CPU this beat
     numerically safe chunked parallel forms (log-depth doubling scans within chunks, a recurrence
-    over chunks) by 1.4-9x in forward+backward time, and it needs less memory: no (B, L, D, N)
-    tensor is ever held at once; backward keeps two (B, D, N) tensors per step (exp(delta A) and h),
-    2*B*L*D*N floats in all (268 MB in fp32 at B=16, L=128, D=1024, N=16).
+    over chunks) by 1.4-9x in forward+backward time, and it needs less memory: no (B, L, E, N)
+    tensor is ever held at once; backward keeps two (B, E, N) tensors per step (exp(delta A) and h),
+    2*B*L*E*N floats in all (268 MB in fp32 at B=16, L=128, E=1024, N=16).
     On GPU, mamba_ssm's fused kernel replaces it.
     """
-    h = initial_state  # (B, D, N)
+    h = initial_state  # (B, E, N)
     ys = []
-    for u_t, delta_t, B_t, C_t in zip(u.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), strict=True):
-        y_t, h = selective_scan_step(h, u_t, delta_t, A, B_t, C_t, D)  # (B, D), (B, D, N)
+    for x_t, delta_t, B_t, C_t in zip(x.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), strict=True):
+        y_t, h = selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D)  # (B, E), (B, E, N)
         ys.append(y_t)
-    return torch.stack(ys, dim=1), h  # (B, L, D), (B, D, N)
+    return torch.stack(ys, dim=1), h  # (B, L, E), (B, E, N)
 
 
 class Mamba1(nn.Module):
     """Mamba-1 mixer: the selective SSM block of Gu & Dao 2024, "Mamba: Linear-Time Sequence Modeling
     with Selective State Spaces" (COLM 2024, arXiv:2312.00752), Figure 3 and Algorithm 2 (S6).
 
-    Glossary of dimension letters in the shape comments:
-        B  batch           L  sequence length      M  d_model
-        D  d_inner = expand * d_model              N  d_state
-        R  dt_rank = ceil(d_model / 16)            W  d_conv (width of the causal convolution)
-    (the paper's SSM matrices B, C and skip D keep their names; a shape comment always means a size.)
-
     Parameter names and shapes are those of `mamba_ssm.modules.mamba_simple.Mamba`, so state dicts
-    load either way. The state is mamba_ssm's inference cache: conv_state (B, D, W) holds the last W
-    inputs of the convolution (newest in the last column), ssm_state (B, D, N) is h_t. `forward` returns
+    load either way. The state is mamba_ssm's inference cache: conv_state (B, E, K) holds the last W
+    inputs of the convolution (newest in the last column), ssm_state (B, E, N) is h_t. `forward` returns
     both contiguous and at least fp32 (also under bf16 autocast), so a compiled `step` sees one input type.
 
     Fast path: on GPU with mamba_ssm installed, `forward` without a carried state calls its fused
@@ -370,70 +366,70 @@ class Mamba1(nn.Module):
         # depthwise causal conv; the left context is concatenated by hand, hence no padding
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)  # s_delta, s_B, s_C
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)  # broadcast of s_delta to D channels
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)  # broadcast of s_delta to E channels
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
         # dt_proj init as upstream: weight uniform +-R^-0.5, bias = softplus^-1(dt), dt log-uniform
         # in [1e-3, 1e-1] (floored at 1e-4), so softplus(bias) starts in the paper's range for delta
         nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
-        dt = dt.clamp(min=1e-4)  # (D,)
+        dt = dt.clamp(min=1e-4)  # (E,)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         # S4D-real init: A = -(1, 2, ..., N) for every channel, stored as log(-A)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(self.d_inner, 1))  # (D, N)
-        self.D = nn.Parameter(torch.ones(self.d_inner))  # (D,)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(self.d_inner, 1))  # (E, N)
+        self.D = nn.Parameter(torch.ones(self.d_inner))  # (E,)
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x: (B, L, M) -> y: (B, L, M) and the state after the last step, continuing from `state`."""
-        fused = state is None and x.is_cuda and selective_scan_fn is not None
-        conv_state, ssm_state = self.allocate_state(x.shape[0], x.device, x.dtype) if state is None else state
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each: SSM branch and gate branch (Fig. 3)
-        u = torch.cat([conv_state, u.transpose(1, 2)], dim=-1)  # (B, D, W + L)  carried inputs first
-        conv_state = u[:, :, -self.d_conv :]  # (B, D, W)  the last W inputs of the conv
-        u = F.silu(self.conv1d(u[:, :, 1:])).transpose(1, 2)  # (B, L, D)  causal conv + SiLU
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R|N|N)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, D)  s_delta(x) without the bias (Alg. 2, line 5)
-        A = -torch.exp(self.A_log)  # (D, N)  Alg. 2, line 2
-        if fused:  # mamba_ssm kernel: bias + softplus, scan and gate in one pass, layout (B, D, L)
+        """u: (B, L, D) -> y: (B, L, D) and the state after the last step, continuing from `state`."""
+        fused = state is None and u.is_cuda and selective_scan_fn is not None
+        conv_state, ssm_state = self.allocate_state(u.shape[0], u.device, u.dtype) if state is None else state
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, E) each: SSM branch and gate branch (Fig. 3)
+        x = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, E, K + L)  carried inputs first
+        conv_state = x[:, :, -self.d_conv :]  # (B, E, K)  the last K inputs of the conv
+        x = F.silu(self.conv1d(x[:, :, 1:])).transpose(1, 2)  # (B, L, E)  causal conv + SiLU
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R|N|N)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, E)  s_delta(x) without the bias (Alg. 2, line 5)
+        A = -torch.exp(self.A_log)  # (E, N)  Alg. 2, line 2
+        if fused:  # mamba_ssm kernel: bias + softplus, scan and gate in one pass, layout (B, E, L)
             y, ssm_state = selective_scan_fn(
-                u.transpose(1, 2),  # (B, D, L)
-                dt.transpose(1, 2),  # (B, D, L)
-                A.float(),  # (D, N)
+                x.transpose(1, 2),  # (B, E, L)
+                dt.transpose(1, 2),  # (B, E, L)
+                A.float(),  # (E, N)
                 B.transpose(1, 2),  # (B, N, L)
                 C.transpose(1, 2),  # (B, N, L)
-                self.D.float(),  # (D,)
-                z=z.transpose(1, 2),  # (B, D, L)
-                delta_bias=self.dt_proj.bias.float(),  # (D,)
+                self.D.float(),  # (E,)
+                z=z.transpose(1, 2),  # (B, E, L)
+                delta_bias=self.dt_proj.bias.float(),  # (E,)
                 delta_softplus=True,
                 return_last_state=True,
-            )  # (B, D, L), (B, D, N)
-            y = y.transpose(1, 2)  # (B, L, D)
+            )  # (B, E, L), (B, E, N)
+            y = y.transpose(1, 2)  # (B, L, E)
         else:
-            delta = F.softplus(dt + self.dt_proj.bias)  # (B, L, D)  tau_delta = softplus (Alg. 2, line 5)
-            y, ssm_state = selective_scan(u, delta, A, B, C, self.D, ssm_state)  # (B, L, D), (B, D, N)
-            y = y * F.silu(z)  # (B, L, D)  multiplicative gate (Fig. 3)
+            delta = F.softplus(dt + self.dt_proj.bias)  # (B, L, E)  tau_delta = softplus (Alg. 2, line 5)
+            y, ssm_state = selective_scan(x, delta, A, B, C, self.D, ssm_state)  # (B, L, E), (B, E, N)
+            y = y * F.silu(z)  # (B, L, E)  multiplicative gate (Fig. 3)
         dtype = torch.promote_types(conv_state.dtype, torch.float32)  # bf16 under autocast -> fp32, as `step` keeps it
-        return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())  # (B, L, M)
+        return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())  # (B, L, D)
 
     def step(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+        self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One recurrent step: x (B, M) -> y (B, M) and a new state (the old tensors are left as they are)."""
-        conv_state, ssm_state = state  # (B, D, W), (B, D, N)
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D) each
-        conv_state = torch.cat([conv_state[:, :, 1:], u[:, :, None]], dim=-1)  # (B, D, W)  newest last
-        u = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, D)
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
-        delta = F.softplus(self.dt_proj(dt).float())  # (B, D), fp32 under bf16 autocast as in forward
-        A = -torch.exp(self.A_log)  # (D, N)
-        y, ssm_state = selective_scan_step(ssm_state, u, delta, A, B, C, self.D)  # (B, D), (B, D, N)
-        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, M)
+        """One recurrent step: u (B, D) -> y (B, D) and a new state (the old tensors are left as they are)."""
+        conv_state, ssm_state = state  # (B, E, K), (B, E, N)
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, E) each
+        conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)  # (B, E, K)  newest last
+        x = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, E)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
+        delta = F.softplus(self.dt_proj(dt).float())  # (B, E), fp32 under bf16 autocast as in forward
+        A = -torch.exp(self.A_log)  # (E, N)
+        y, ssm_state = selective_scan_step(ssm_state, x, delta, A, B, C, self.D)  # (B, E), (B, E, N)
+        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, D)
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero (conv_state (B, D, W), ssm_state (B, D, N)); parameters' device and dtype by default."""
+        """Zero (conv_state (B, E, K), ssm_state (B, E, N)); parameters' device and dtype by default."""
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype)
