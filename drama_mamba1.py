@@ -3,15 +3,13 @@
 # Paper: "Drama: Mamba-Enabled Model-Based Reinforcement Learning Is Sample and Parameter Efficient".
 # One complete file per agent: drama_xs.py (the default), drama_s.py, drama_mamba1.py and
 # drama_uniform_sampling.py. `diff drama_xs.py drama_mamba1.py` shows an ablation and nothing else.
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -20,12 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from utils import UserError
+from utils import UserError, checkpoint, resolve_device, run_cli
 from utils.atari import check_env_id, make_env
+from utils.checks import check_compiler, check_ranges
 from utils.dream import log_dream
 from utils.precision import autocast as precision_autocast
 from utils.precision import precision_of
-from utils.progress import StepClock, eta_seconds
+from utils.progress import ProgressLine, start_logging
 
 try:  # fused CUDA kernel for the selective scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
     import mamba_ssm
@@ -198,53 +197,16 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Fail early, with one line naming the fix, on values the model or the buffer cannot work with."""
-    positive = [
-        "total_timesteps",
-        "buffer_size",
-        "batch_size",
-        "sequence_length",
-        "imagine_batch_size",
-        "imagine_context_length",
-        "imagine_horizon",
-        "d_model",
-        "d_state",
-        "d_conv",
-        "expand",
-        "n_layers",
-        "act_context_length",
-        "stoch_categoricals",
-        "stoch_classes",
-        "warmup_updates",
-        "log_every",
-    ]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if min(args.random_steps, args.eval_episodes, args.train_ratio, args.checkpoint_every, args.dream_every) < 0:
-        raise UserError(
-            "--random-steps, --eval-episodes, --train-ratio, --checkpoint-every and --dream-every must be >= 0"
-        )
-    if args.upload_model and not args.save_model:
-        raise UserError("--upload-model needs the saved agent: drop --no-save-model")
-    if args.sequence_length > args.buffer_size:
-        raise UserError(f"--sequence-length {args.sequence_length} is longer than --buffer-size {args.buffer_size}")
+    """Fail early, with one line naming the fix, on values the model cannot work with (ranges: utils/checks.py)."""
+    check_ranges(args)
     if args.imagine_context_length > args.sequence_length:
-        raise UserError(
-            f"--imagine-context-length {args.imagine_context_length} is longer than "
-            f"--sequence-length {args.sequence_length}: lower it or raise --sequence-length"
-        )
-    if args.random_steps < args.sequence_length:
-        raise UserError(
-            f"--random-steps {args.random_steps} must be >= --sequence-length {args.sequence_length} "
-            "so that the first world-model batch exists"
-        )
+        raise UserError(f"--imagine-context-length {args.imagine_context_length} is longer than --sequence-length "
+                        f"{args.sequence_length}: lower it or raise --sequence-length")
     if args.tau <= 0 or args.tau_img <= 0:
         raise UserError(f"the DFS temperatures --tau {args.tau} and --tau-img {args.tau_img} must be positive")
     if len(args.encoder_filters) < 2 or 64 % 2 ** (len(args.encoder_filters) - 1) or min(args.encoder_filters) <= 0:
-        raise UserError(
-            "--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next halves it)"
-        )
+        raise UserError("--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next "
+                        "halves it)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,11 +247,8 @@ class Decoder(nn.Module):
         self.linear = nn.Linear(latent_dim, math.prod(self.start_shape))
         layers = [nn.BatchNorm2d(mirrored[0]), nn.SiLU()]
         for in_channels, out_channels in zip(mirrored[:-1], mirrored[1:], strict=True):
-            layers += [
-                nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1),
-                nn.BatchNorm2d(out_channels),
-                nn.SiLU(),
-            ]
+            deconv = nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1)
+            layers += [deconv, nn.BatchNorm2d(out_channels), nn.SiLU()]
         layers += [nn.ConvTranspose2d(mirrored[-1], 3, 5, 1, 2)]
         self.net = nn.Sequential(*layers)
 
@@ -326,13 +285,15 @@ def categorical_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-1 mixer (Gu & Dao, 2024), pure PyTorch, with mamba_ssm's parameter names and inference cache.
 #
-# Each channel d has its own diagonal A (D x N), and dt, B, C depend on the input (selective SSM, S6):
+# Glossary: B batch, L sequence length, D d_model, E d_inner = expand * D, N state size, K d_conv,
+# R dt_rank = ceil(D / 16). Each inner channel has its own diagonal A (E x N), and dt, B, C depend on the input
+# (selective SSM, S6):
 # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t (paper eq. 1, Mamba eq. 2 and 4).
 # On CPU the scan is a loop over time steps; on CUDA, mamba_ssm's fused selective_scan_fn when importable.
 # ----------------------------------------------------------------------------------------------------------
 def selective_scan_step(
     h: torch.Tensor,
-    u: torch.Tensor,
+    x: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -341,19 +302,19 @@ def selective_scan_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the discretised selective SSM (Gu & Dao 2024, eq. 2a-2b with eq. 4's A-bar).
 
-    h: (B, D, N) state before the step    u: (B, D) input x_t      delta: (B, D) step size, > 0
-    A: (D, N) negative real               B, C: (B, N)              D: (D,) skip
-    Returns y: (B, D) and the new state h: (B, D, N).
+    h: (B, E, N) state before the step    x: (B, E) input x_t      delta: (B, E) step size, > 0
+    A: (E, N) negative real               B, C: (B, N)              D: (E,) skip
+    Returns y: (B, E) and the new state h: (B, E, N).
     """
-    dA = torch.exp(delta[..., None] * A)  # (B, D, N)  A-bar = exp(delta A), eq. 4 (ZOH)
-    dBu = (delta * u)[..., None] * B[:, None]  # (B, D, N)  B-bar x_t with B-bar ~ delta B, as mamba_ssm
-    h = dA * h + dBu  # (B, D, N)  eq. 2a
-    y = (h @ C[..., None]).squeeze(-1) + D * u  # (B, D)  eq. 2b, plus the skip connection D
+    dA = torch.exp(delta[..., None] * A)  # (B, E, N)  A-bar = exp(delta A), eq. 4 (ZOH)
+    dBu = (delta * x)[..., None] * B[:, None]  # (B, E, N)  B-bar x_t with B-bar ~ delta B, as mamba_ssm
+    h = dA * h + dBu  # (B, E, N)  eq. 2a
+    y = (h @ C[..., None]).squeeze(-1) + D * x  # (B, E)  eq. 2b, plus the skip connection D
     return y, h
 
 
 def selective_scan(
-    u: torch.Tensor,
+    x: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -363,37 +324,31 @@ def selective_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective scan over a sequence (Algorithm 2, line 7: y = SSM(A-bar, B-bar, C)(x)).
 
-    u: (B, L, D)   delta: (B, L, D)   A: (D, N)   B, C: (B, L, N)   D: (D,)   initial_state: (B, D, N)
-    Returns y: (B, L, D) and the state after the last step: (B, D, N).
+    x: (B, L, E)   delta: (B, L, E)   A: (E, N)   B, C: (B, L, N)   D: (E,)   initial_state: (B, E, N)
+    Returns y: (B, L, E) and the state after the last step: (B, E, N).
 
     A sequential loop over L, one `selective_scan_step` per time step. On a 2-core CPU this beat
     numerically safe chunked parallel forms (log-depth doubling scans within chunks, a recurrence
-    over chunks) by 1.4-9x in forward+backward time, and it needs less memory: no (B, L, D, N)
-    tensor is ever held at once; backward keeps two (B, D, N) tensors per step (exp(delta A) and h),
-    2*B*L*D*N floats in all (268 MB in fp32 at B=16, L=128, D=1024, N=16).
+    over chunks) by 1.4-9x in forward+backward time, and it needs less memory: no (B, L, E, N)
+    tensor is ever held at once; backward keeps two (B, E, N) tensors per step (exp(delta A) and h),
+    2*B*L*E*N floats in all (268 MB in fp32 at B=16, L=128, E=1024, N=16).
     On GPU, mamba_ssm's fused kernel replaces it.
     """
-    h = initial_state  # (B, D, N)
+    h = initial_state  # (B, E, N)
     ys = []
-    for u_t, delta_t, B_t, C_t in zip(u.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), strict=True):
-        y_t, h = selective_scan_step(h, u_t, delta_t, A, B_t, C_t, D)  # (B, D), (B, D, N)
+    for x_t, delta_t, B_t, C_t in zip(x.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), strict=True):
+        y_t, h = selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D)  # (B, E), (B, E, N)
         ys.append(y_t)
-    return torch.stack(ys, dim=1), h  # (B, L, D), (B, D, N)
+    return torch.stack(ys, dim=1), h  # (B, L, E), (B, E, N)
 
 
 class Mamba1(nn.Module):
     """Mamba-1 mixer: the selective SSM block of Gu & Dao 2024, "Mamba: Linear-Time Sequence Modeling
     with Selective State Spaces" (COLM 2024, arXiv:2312.00752), Figure 3 and Algorithm 2 (S6).
 
-    Glossary of dimension letters in the shape comments:
-        B  batch           L  sequence length      M  d_model
-        D  d_inner = expand * d_model              N  d_state
-        R  dt_rank = ceil(d_model / 16)            W  d_conv (width of the causal convolution)
-    (the paper's SSM matrices B, C and skip D keep their names; a shape comment always means a size.)
-
     Parameter names and shapes are those of `mamba_ssm.modules.mamba_simple.Mamba`, so state dicts
-    load either way. The state is mamba_ssm's inference cache: conv_state (B, D, W) holds the last W
-    inputs of the convolution (newest in the last column), ssm_state (B, D, N) is h_t. `forward` returns
+    load either way. The state is mamba_ssm's inference cache: conv_state (B, E, K) holds the last W
+    inputs of the convolution (newest in the last column), ssm_state (B, E, N) is h_t. `forward` returns
     both contiguous and at least fp32 (also under bf16 autocast), so a compiled `step` sees one input type.
 
     Fast path: on GPU with mamba_ssm installed, `forward` without a carried state calls its fused
@@ -411,70 +366,70 @@ class Mamba1(nn.Module):
         # depthwise causal conv; the left context is concatenated by hand, hence no padding
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)  # s_delta, s_B, s_C
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)  # broadcast of s_delta to D channels
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)  # broadcast of s_delta to E channels
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
         # dt_proj init as upstream: weight uniform +-R^-0.5, bias = softplus^-1(dt), dt log-uniform
         # in [1e-3, 1e-1] (floored at 1e-4), so softplus(bias) starts in the paper's range for delta
         nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
-        dt = dt.clamp(min=1e-4)  # (D,)
+        dt = dt.clamp(min=1e-4)  # (E,)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         # S4D-real init: A = -(1, 2, ..., N) for every channel, stored as log(-A)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(self.d_inner, 1))  # (D, N)
-        self.D = nn.Parameter(torch.ones(self.d_inner))  # (D,)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(self.d_inner, 1))  # (E, N)
+        self.D = nn.Parameter(torch.ones(self.d_inner))  # (E,)
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x: (B, L, M) -> y: (B, L, M) and the state after the last step, continuing from `state`."""
-        fused = state is None and x.is_cuda and selective_scan_fn is not None
-        conv_state, ssm_state = self.allocate_state(x.shape[0], x.device, x.dtype) if state is None else state
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each: SSM branch and gate branch (Fig. 3)
-        u = torch.cat([conv_state, u.transpose(1, 2)], dim=-1)  # (B, D, W + L)  carried inputs first
-        conv_state = u[:, :, -self.d_conv :]  # (B, D, W)  the last W inputs of the conv
-        u = F.silu(self.conv1d(u[:, :, 1:])).transpose(1, 2)  # (B, L, D)  causal conv + SiLU
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R|N|N)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, D)  s_delta(x) without the bias (Alg. 2, line 5)
-        A = -torch.exp(self.A_log)  # (D, N)  Alg. 2, line 2
-        if fused:  # mamba_ssm kernel: bias + softplus, scan and gate in one pass, layout (B, D, L)
+        """u: (B, L, D) -> y: (B, L, D) and the state after the last step, continuing from `state`."""
+        fused = state is None and u.is_cuda and selective_scan_fn is not None
+        conv_state, ssm_state = self.allocate_state(u.shape[0], u.device, u.dtype) if state is None else state
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, E) each: SSM branch and gate branch (Fig. 3)
+        x = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, E, K + L)  carried inputs first
+        conv_state = x[:, :, -self.d_conv :]  # (B, E, K)  the last K inputs of the conv
+        x = F.silu(self.conv1d(x[:, :, 1:])).transpose(1, 2)  # (B, L, E)  causal conv + SiLU
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R|N|N)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, E)  s_delta(x) without the bias (Alg. 2, line 5)
+        A = -torch.exp(self.A_log)  # (E, N)  Alg. 2, line 2
+        if fused:  # mamba_ssm kernel: bias + softplus, scan and gate in one pass, layout (B, E, L)
             y, ssm_state = selective_scan_fn(
-                u.transpose(1, 2),  # (B, D, L)
-                dt.transpose(1, 2),  # (B, D, L)
-                A.float(),  # (D, N)
+                x.transpose(1, 2),  # (B, E, L)
+                dt.transpose(1, 2),  # (B, E, L)
+                A.float(),  # (E, N)
                 B.transpose(1, 2),  # (B, N, L)
                 C.transpose(1, 2),  # (B, N, L)
-                self.D.float(),  # (D,)
-                z=z.transpose(1, 2),  # (B, D, L)
-                delta_bias=self.dt_proj.bias.float(),  # (D,)
+                self.D.float(),  # (E,)
+                z=z.transpose(1, 2),  # (B, E, L)
+                delta_bias=self.dt_proj.bias.float(),  # (E,)
                 delta_softplus=True,
                 return_last_state=True,
-            )  # (B, D, L), (B, D, N)
-            y = y.transpose(1, 2)  # (B, L, D)
+            )  # (B, E, L), (B, E, N)
+            y = y.transpose(1, 2)  # (B, L, E)
         else:
-            delta = F.softplus(dt + self.dt_proj.bias)  # (B, L, D)  tau_delta = softplus (Alg. 2, line 5)
-            y, ssm_state = selective_scan(u, delta, A, B, C, self.D, ssm_state)  # (B, L, D), (B, D, N)
-            y = y * F.silu(z)  # (B, L, D)  multiplicative gate (Fig. 3)
+            delta = F.softplus(dt + self.dt_proj.bias)  # (B, L, E)  tau_delta = softplus (Alg. 2, line 5)
+            y, ssm_state = selective_scan(x, delta, A, B, C, self.D, ssm_state)  # (B, L, E), (B, E, N)
+            y = y * F.silu(z)  # (B, L, E)  multiplicative gate (Fig. 3)
         dtype = torch.promote_types(conv_state.dtype, torch.float32)  # bf16 under autocast -> fp32, as `step` keeps it
-        return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())  # (B, L, M)
+        return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())  # (B, L, D)
 
     def step(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+        self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One recurrent step: x (B, M) -> y (B, M) and a new state (the old tensors are left as they are)."""
-        conv_state, ssm_state = state  # (B, D, W), (B, D, N)
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D) each
-        conv_state = torch.cat([conv_state[:, :, 1:], u[:, :, None]], dim=-1)  # (B, D, W)  newest last
-        u = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, D)
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
-        delta = F.softplus(self.dt_proj(dt).float())  # (B, D), fp32 under bf16 autocast as in forward
-        A = -torch.exp(self.A_log)  # (D, N)
-        y, ssm_state = selective_scan_step(ssm_state, u, delta, A, B, C, self.D)  # (B, D), (B, D, N)
-        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, M)
+        """One recurrent step: u (B, D) -> y (B, D) and a new state (the old tensors are left as they are)."""
+        conv_state, ssm_state = state  # (B, E, K), (B, E, N)
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, E) each
+        conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)  # (B, E, K)  newest last
+        x = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, E)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
+        delta = F.softplus(self.dt_proj(dt).float())  # (B, E), fp32 under bf16 autocast as in forward
+        A = -torch.exp(self.A_log)  # (E, N)
+        y, ssm_state = selective_scan_step(ssm_state, x, delta, A, B, C, self.D)  # (B, E), (B, E, N)
+        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, D)
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero (conv_state (B, D, W), ssm_state (B, D, N)); parameters' device and dtype by default."""
+        """Zero (conv_state (B, E, K), ssm_state (B, E, N)); parameters' device and dtype by default."""
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype)
@@ -512,9 +467,8 @@ class Dynamics(nn.Module):
     def __init__(self, args: Args, latent_dim: int, action_dim: int):
         super().__init__()
         self.action_dim = action_dim
-        self.stem = nn.Sequential(
-            nn.Linear(latent_dim + action_dim, args.d_model), nn.RMSNorm(args.d_model, eps=1e-6), nn.SiLU()
-        )
+        stem = nn.Linear(latent_dim + action_dim, args.d_model)
+        self.stem = nn.Sequential(stem, nn.RMSNorm(args.d_model, eps=1e-6), nn.SiLU())
         self.blocks = nn.ModuleList(MambaBlock(args) for _ in range(args.n_layers))
         self.norm = nn.RMSNorm(args.d_model, eps=1e-5)
         nn.init.zeros_(self.stem[0].bias)
@@ -659,30 +613,16 @@ class WorldModel(nn.Module):
         representation_kl = categorical_kl(next_posterior, prior.detach()).mean()
         dynamics_loss = dynamics_kl.clamp(min=self.args.free_bits)
         representation_loss = representation_kl.clamp(min=self.args.free_bits)
-        total = (
-            reconstruction_loss
-            + reward_loss
-            + termination_loss
-            + self.args.dyn_loss_scale * dynamics_loss
-            + self.args.rep_loss_scale * representation_loss
-        )
-        return total, {
-            "reconstruction_loss": reconstruction_loss,
-            "reward_loss": reward_loss,
-            "termination_loss": termination_loss,
-            "dynamics_kl": dynamics_kl,
-            "representation_kl": representation_kl,
-            "world_model_loss": total,
-        }
+        total = reconstruction_loss + reward_loss + termination_loss  # paper eq. 7
+        total = total + self.args.dyn_loss_scale * dynamics_loss + self.args.rep_loss_scale * representation_loss
+        return total, dict(reconstruction_loss=reconstruction_loss, reward_loss=reward_loss,
+                           termination_loss=termination_loss, dynamics_kl=dynamics_kl,
+                           representation_kl=representation_kl, world_model_loss=total)  # fmt: skip
 
     def parameter_counts(self) -> dict[str, int]:
-        parts = {
-            "encoder": [self.encoder],
-            "decoder": [self.decoder],
-            "dynamics": [self.dynamics],
-            "posterior+prior heads": [self.posterior_head, self.prior_head],
-            "reward+termination heads": [self.reward_head, self.termination_head],
-        }
+        parts = {"encoder": [self.encoder], "decoder": [self.decoder], "dynamics": [self.dynamics],
+                 "posterior+prior heads": [self.posterior_head, self.prior_head],
+                 "reward+termination heads": [self.reward_head, self.termination_head]}  # fmt: skip
         counts = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in parts.items()}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
@@ -773,9 +713,8 @@ class ActorCritic(nn.Module):
         values = self.twohot.decode(critic_logits.detach())  # (B, H+1)
         with torch.no_grad():
             returns = lambda_returns(rewards, continuations, values, self.args.gamma, self.args.lam)
-            slow_returns = lambda_returns(
-                rewards, continuations, self.value(features, slow=True), self.args.gamma, self.args.lam
-            )
+            slow_values = self.value(features, slow=True)  # (B, H+1)
+            slow_returns = lambda_returns(rewards, continuations, slow_values, self.args.gamma, self.args.lam)
             low, high = nearest_rank(returns, 0.05), nearest_rank(returns, 0.95)
             decay = self.args.return_norm_decay
             self.return_low.lerp_(low, 1 - decay)
@@ -787,13 +726,8 @@ class ActorCritic(nn.Module):
         actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
         critic_logits = critic_logits[:, :-1]  # (B, H, 255): the states whose returns are known
         critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
-        return actor_loss + critic_loss, {
-            "actor_loss": actor_loss,
-            "critic_loss": critic_loss,
-            "entropy": entropy.mean(),
-            "return_scale": scale,
-            "imagined_return": returns.mean(),
-        }
+        return actor_loss + critic_loss, dict(actor_loss=actor_loss, critic_loss=critic_loss, entropy=entropy.mean(),
+                                              return_scale=scale, imagined_return=returns.mean())  # fmt: skip
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -985,21 +919,15 @@ class ReplayBuffer:
         "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
         """
         index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
-        batch = {
-            "actions": self.actions[index],
-            "rewards": self.rewards[index],
-            "terminations": self.terminations[index],
-        }
+        batch = dict(actions=self.actions[index], rewards=self.rewards[index], terminations=self.terminations[index])
         if distinct_frames:
             distinct, inverse = np.unique(index, return_inverse=True)
             batch["frames"], batch["frame_index"] = self.obs[distinct], inverse.reshape(index.shape)
         else:
             batch["obs"] = self.obs[index]
         pin = torch.device(device).type == "cuda"
-        return {
-            k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=True)
-            for k, v in batch.items()
-        }
+        tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -1062,24 +990,17 @@ def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, a
     batch = buffer.sequences(starts, args.imagine_context_length, device, distinct_frames=True)
     agent.world_model.eval()
     with autocast:
-        features, actions, rewards, continuations = imagine(
-            agent.world_model,
-            agent.actor_critic,
-            batch["frames"],
-            batch["frame_index"],
-            batch["actions"],
-            args.imagine_horizon,
-            step,
-        )
+        features, actions, rewards, continuations = imagine(agent.world_model, agent.actor_critic, batch["frames"],
+                                                            batch["frame_index"], batch["actions"],
+                                                            args.imagine_horizon, step)  # fmt: skip
     features = features.float()
     agent.actor_critic.norm.update(features.flatten(0, 1))
     with autocast:
         loss, metrics = agent.actor_critic.loss(features, actions, rewards.float(), continuations.float())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    metrics["actor_critic_grad_norm"] = nn.utils.clip_grad_norm_(
-        [p for p in agent.actor_critic.parameters() if p.requires_grad], args.ac_grad_clip
-    )
+    trained = [p for p in agent.actor_critic.parameters() if p.requires_grad]  # not the slow critic
+    metrics["actor_critic_grad_norm"] = nn.utils.clip_grad_norm_(trained, args.ac_grad_clip)
     optimizer.step()
     scheduler.step()
     agent.actor_critic.update_slow_critic()
@@ -1093,182 +1014,15 @@ def make_optimizer(parameters, lr: float, warmup: int):
     return optimizer, scheduler
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file to `path.tmp`, then rename: a crash mid-write leaves the old file intact."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
-
-
-def save_agent(agent: Agent, args: Args, run_dir: str) -> str:
-    """Write `agent.safetensors` (weights and normaliser statistics) and `args.json`, each atomically."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "agent.safetensors")
-    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "env_id": args.env_id}
-    atomic_save(agent.state_dict(), path, metadata)
-    with open(os.path.join(run_dir, "args.json.tmp"), "w") as f:
-        json.dump({**asdict(args), "variant": VARIANT, "action_dim": agent.action_dim}, f, indent=2)
-    os.replace(os.path.join(run_dir, "args.json.tmp"), os.path.join(run_dir, "args.json"))
-    return path
-
-
-def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {f"{prefix}.{i}.{k}": v for i, p in enumerate(params) for k, v in optimizer.state.get(p, {}).items()}
-
-
-def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            _, index, name = key.rsplit(".", 2)
-            param = params[int(index)]
-            optimizer.state[param][name] = value if name == "step" else value.to(param.device)  # step: on the CPU
-
-
-def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
-    """torch's generators a run draws from: the CPU's, and the GPU's when it trains on one (latents, actions)."""
-    tensors = {"torch_rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return tensors
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Set the generators `rng_tensors` saved; a CUDA state is skipped on a CPU (and absent from a CPU run)."""
-    torch.set_rng_state(tensors["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda_rng"], device)
-
-
-def save_training_state(run_dir: str, training: dict) -> None:
-    """Everything a run needs to continue exactly: models, optimisers, replay + DFS counters, RNGs, counters."""
-    agent, buffer = training["agent"], training["buffer"]
-    tensors = {f"agent.{k}": v for k, v in agent.state_dict().items()}
-    tensors |= optimizer_tensors("wm_optimizer", training["wm_optimizer"])
-    tensors |= optimizer_tensors("ac_optimizer", training["ac_optimizer"])
-    tensors |= {
-        f"buffer.{k}": torch.from_numpy(v[: buffer.size]) for k, v in vars(buffer).items() if isinstance(v, np.ndarray)
-    }
-    tensors["action_history"] = torch.tensor(training["action_history"], dtype=torch.int64)
-    tensors |= rng_tensors(next(agent.parameters()).device)
-    for i, window in enumerate(agent.windows):
-        if window:
-            tensors[f"window.{i}.z"] = torch.stack([z for z, _ in window])
-            tensors[f"window.{i}.actions"] = torch.stack([a for _, a in window])
-    progress = {k: training[k] for k in ("global_step", "updates", "update_budget", "episode_start", "run_name")}
-    progress |= {
-        "recent_returns": [float(r) for r in training["recent_returns"]],
-        "buffer": {"next": buffer.next, "size": buffer.size},
-        "wm_scheduler": training["wm_scheduler"].state_dict(),
-        "ac_scheduler": training["ac_scheduler"].state_dict(),
-        "rng": training["rng"].bit_generator.state,
-        "args": asdict(training["args"]),
-    }
-    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "progress": json.dumps(progress)}
-    atomic_save(tensors, os.path.join(run_dir, "checkpoint.safetensors"), metadata)
-
-
-def read_training_state(run_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read and check `run_dir/checkpoint.safetensors`: (tensors, progress). One-line errors name the fix."""
-    from safetensors import safe_open
-
-    path = os.path.join(run_dir, "checkpoint.safetensors")
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no checkpoint at {path}: pass --resume runs/<run_name> of a run saved with --checkpoint-every"
-        )
-    try:
-        with safe_open(path, "pt") as f:
-            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:
-        raise UserError(f"{path} is corrupted or truncated ({error}): resume from another run or start anew") from None
-    if metadata.get("variant") != VARIANT:
-        raise UserError(f"{path} was written by {metadata.get('variant')}.py, not {VARIANT}.py: resume it with that")
-    progress = json.loads(metadata["progress"])
-    progress["action_dim"] = int(metadata["action_dim"])
-    return tensors, progress
-
-
-def restore_training_state(training: dict, tensors: dict[str, torch.Tensor], progress: dict) -> None:
-    agent, buffer = training["agent"], training["buffer"]
-    agent.load_state_dict({k[len("agent.") :]: v for k, v in tensors.items() if k.startswith("agent.")})
-    load_optimizer_tensors("wm_optimizer", training["wm_optimizer"], tensors)
-    load_optimizer_tensors("ac_optimizer", training["ac_optimizer"], tensors)
-    for name, array in vars(buffer).items():
-        if isinstance(array, np.ndarray):
-            array[: progress["buffer"]["size"]] = tensors[f"buffer.{name}"].numpy()
-    buffer.next, buffer.size = progress["buffer"]["next"], progress["buffer"]["size"]
-    for name in ("wm", "ac"):
-        scheduler = training[f"{name}_scheduler"]
-        scheduler.load_state_dict(progress[f"{name}_scheduler"])
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr  # the learning rate the saved run's next update would have used
-    training["rng"].bit_generator.state = progress["rng"]
-    device = next(agent.parameters()).device
-    restore_rng(tensors, device)
-    for i, window in enumerate(agent.windows):
-        if f"window.{i}.z" in tensors:
-            z, actions = tensors[f"window.{i}.z"].to(device), tensors[f"window.{i}.actions"].to(device)
-            window.extend(zip(z, actions, strict=True))
-    training["action_history"] = tensors["action_history"].tolist()
-    training["recent_returns"].extend(progress["recent_returns"])
-    for key in ("global_step", "updates", "update_budget", "episode_start"):
-        training[key] = progress[key]
-
-
-def replay_env(env, seed: int, actions: list[int]):
-    """Bring a fresh env to where the saved run left it: ALE is deterministic given the seed and the actions."""
-    obs, _ = env.reset(seed=seed)
-    for action in actions:
-        obs, _, terminated, truncated, _ = env.step(action)
-        if terminated or truncated:
-            obs, _ = env.reset()
-    return obs
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
-
-
-def check_compiler(device: torch.device) -> None:
-    """--compile builds code at run time: inductor's C++ on a CPU, Triton's C launchers on CUDA."""
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
-    if device.type == "cuda" and not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-        raise UserError(
-            "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, "
-            "or drop --compile"
-        )
-
-
-def given_on_command_line(field: str) -> bool:
-    """Whether the flag of this Args field is on the command line (tyro takes `--a-b`, `--a_b` and `--a-b=1`)."""
-    flags = {"--" + field, "--" + field.replace("_", "-")}
-    return any(arg.split("=")[0] in flags for arg in sys.argv[1:])
-
-
 def main(args: Args) -> None:
-    saved = None
-    if args.resume:  # every setting comes from the saved run, except how long to train (when given), where and how
-        saved = read_training_state(args.resume)
-        step, total = saved[1]["global_step"], saved[1]["args"]["total_timesteps"]
-        total = args.total_timesteps if given_on_command_line("total_timesteps") else total
-        if total < step:
-            raise UserError(f"--total-timesteps {total} < step {step}, where {args.resume} stopped: give >= {step}")
-        given = {k: getattr(args, k) for k in ("resume", "device", "compile", "torch_threads")}
-        args = Args(**{**saved[1]["args"], **given, "total_timesteps": total, "run_dir": args.resume})
-        args.encoder_filters = tuple(args.encoder_filters)
+    # TRY NOT TO MODIFY: resuming, run folder, seeding, device, logging
+    saved = checkpoint.read_training_state(args.resume, VARIANT) if args.resume else None
+    if saved:  # every setting comes from the saved run, except how long to train (when given), where and how
+        args = checkpoint.resume_args(args, saved[1])
     check_args(args)
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or args.run_dir or os.path.join("runs", run_name)
-    taken = [f for f in ("args.json", "checkpoint.safetensors") if os.path.exists(os.path.join(run_dir, f))]
-    if args.run_dir and not saved and taken:
-        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-dir")
+    run_dir = checkpoint.run_folder(args, run_name)
     device = resolve_device(args.device)
     if args.compile:
         check_compiler(device)
@@ -1281,32 +1035,15 @@ def main(args: Args) -> None:
     precision, why = precision_of(args.precision, device)
     autocast = precision_autocast(device, precision)
     print(f"precision {precision} ({why})", flush=True)
+    writer = start_logging(args, run_name, run_dir, purge_step=saved[1]["global_step"] if saved else None)
 
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--track needs Weights and Biases: pip install wandb") from None
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            monitor_gym=True,
-            save_code=True,
-            resume="allow" if saved else None,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir, purge_step=saved[1]["global_step"] if saved else None)
-    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-
+    # TRY NOT TO MODIFY: env setup
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
     action_dim = int(env.action_space.n)
     if saved and saved[1]["action_dim"] != action_dim:
         raise UserError(f"{args.resume} has {saved[1]['action_dim']} actions but {args.env_id} has {action_dim}")
+
+    # ALGO LOGIC: the agent (world model + actor-critic), its two optimisers and the replay buffer
     agent = Agent(args, action_dim).to(device)
     counts = agent.world_model.parameter_counts()
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -1315,103 +1052,84 @@ def main(args: Args) -> None:
     imagination_step = torch.compile(imagine_step) if args.compile else imagine_step  # compiles on first use
     wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
     ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)
-    training = dict(
-        args=args, agent=agent, buffer=ReplayBuffer(args.buffer_size), rng=np.random.default_rng(args.seed),
-        wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler,
-        global_step=0, updates=0, update_budget=0.0, episode_start=True, recent_returns=deque(maxlen=5),
-        action_history=[], run_name=run_name,
-    )  # fmt: skip
+    buffer, rng = ReplayBuffer(args.buffer_size), np.random.default_rng(args.seed)
+    first_step, updates, update_budget, episode_start = 0, 0, 0.0, True
+    recent_returns, action_history = deque(maxlen=5), []
+
+    def loop_state(global_step: int) -> dict:  # what --resume needs, gathered when a checkpoint is written or read
+        return dict(agent=agent, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer,
+                    ac_scheduler=ac_scheduler, buffer=buffer, rng=rng, window=agent.windows,
+                    action_history=action_history, recent_returns=recent_returns, global_step=global_step,
+                    updates=updates, update_budget=update_budget, episode_start=episode_start, run_name=run_name,
+                    args=args)  # fmt: skip
+
     if saved:
-        restore_training_state(training, *saved)
-        print(f"resuming {run_name} at step {training['global_step']}: replaying the env", flush=True)
-        obs = replay_env(env, args.seed, training["action_history"])
+        restored = checkpoint.restore_training_state(loop_state(0), *saved)
+        first_step, updates, update_budget, episode_start = (
+            restored[k] for k in ("global_step", "updates", "update_budget", "episode_start"))  # fmt: skip
+        print(f"resuming {run_name} at step {first_step}: replaying the env", flush=True)
+        obs = checkpoint.replay_env(env, args.seed, action_history)
     else:
         obs, _ = env.reset(seed=args.seed)
-    buffer, rng, recent_returns = training["buffer"], training["rng"], training["recent_returns"]
-    episode_start, first_step = training["episode_start"], training["global_step"]
-    start_time = last_print = time.time()
-    clock = StepClock()  # recent seconds per random step and per training step, for the ETA
+    progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
     for global_step in range(first_step, args.total_timesteps):
-        # ALGO LOGIC: act (random before `random_steps`, then the actor on the world model's state)
+        # ALGO LOGIC: collect (random actions before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
             action = int(rng.integers(action_dim))
         else:
             action = int(agent.act(obs[None], np.array([episode_start]))[0])
-        training["action_history"].append(action)
+        action_history.append(action)
         next_obs, reward, terminated, truncated, info = env.step(action)
         # a lost life is a termination for the world model, but the game goes on
         buffer.add(obs, action, reward, terminated or info["life_loss"], episode_start)
         obs, episode_start = next_obs, terminated or truncated
-        if episode_start:
+        if episode_start:  # TRY NOT TO MODIFY: record the episode
             recent_returns.append(info["episode"]["r"])
             writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
             writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
             writer.add_scalar("charts/episodic_return_mean5", np.mean(recent_returns), global_step)
             obs, _ = env.reset()
 
-        # ALGO LOGIC: one world-model and one actor-critic update per env step (train_ratio)
+        # ALGO LOGIC: train the world model, imagine and train the actor-critic (`train_ratio` of each per env step)
         if global_step >= args.random_steps:
-            training["update_budget"] += args.train_ratio
-            while training["update_budget"] >= 1:
-                training["update_budget"] -= 1
-                training["updates"] += 1
+            update_budget += args.train_ratio
+            while update_budget >= 1:
+                update_budget, updates = update_budget - 1, updates + 1
                 metrics = train_world_model(agent, wm_optimizer, wm_scheduler, buffer, args, rng, device, autocast)
                 metrics |= train_actor_critic(
                     agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast, imagination_step
                 )
-                if training["updates"] % args.log_every == 0:
+                # TRY NOT TO MODIFY: record the losses and a dream
+                if updates % args.log_every == 0:
                     for key, value in metrics.items():
                         writer.add_scalar(f"losses/{key}", float(value.detach()), global_step)
                     writer.add_scalar("charts/learning_rate", wm_optimizer.param_groups[0]["lr"], global_step)
-                if args.dream_every and training["updates"] % args.dream_every == 0:
+                if args.dream_every and updates % args.dream_every == 0:
                     log_dream(writer, agent, buffer, global_step, context_length=args.imagine_context_length)
 
-        training["global_step"], training["episode_start"] = global_step + 1, episode_start
-        if args.checkpoint_every and training["global_step"] % args.checkpoint_every == 0:
-            save_training_state(run_dir, training)
-        clock.tick("random" if global_step < args.random_steps else "training")
-        sps = (global_step + 1 - first_step) / (time.time() - start_time)
-        if global_step % 100 == 0:
-            writer.add_scalar("charts/SPS", sps, global_step)
-        if time.time() - last_print > 10 or global_step in (first_step, args.total_timesteps - 1):
-            last_print = time.time()
-            steps_left = args.total_timesteps - global_step - 1
-            random_left = min(steps_left, max(0, args.random_steps - global_step - 1))
-            training_s = clock.seconds_per_step("training")  # an action and train_ratio updates
-            eta = eta_seconds(random_left, steps_left - random_left, clock.seconds_per_step("random"), training_s)
-            eta_text = "after the first updates" if eta is None else f"{eta / 3600:.1f} h"
-            update_s = f"{training_s / args.train_ratio:.2f}" if training_s and args.train_ratio else "-"
-            mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
-            print(
-                f"step {global_step + 1}/{args.total_timesteps} updates {training['updates']} SPS {sps:.1f} "
-                f"s/update {update_s} ETA {eta_text} return(mean of 5) {mean_return}",
-                flush=True,
-            )
+        # TRY NOT TO MODIFY: checkpoint and progress line
+        if args.checkpoint_every and (global_step + 1) % args.checkpoint_every == 0:
+            checkpoint.save_training_state(run_dir, loop_state(global_step + 1), VARIANT)
+        progress.step(global_step, updates, recent_returns, writer)
     env.close()
 
-    if args.checkpoint_every and training["global_step"] % args.checkpoint_every:  # not saved at the last step yet
-        save_training_state(run_dir, training)
+    # TRY NOT TO MODIFY: save, evaluate, upload
+    if args.checkpoint_every and args.total_timesteps % args.checkpoint_every:  # not saved at the last step yet
+        checkpoint.save_training_state(run_dir, loop_state(args.total_timesteps), VARIANT)
     if args.save_model:
-        print(f"agent saved to {save_agent(agent, args, run_dir)}")
+        print(f"agent saved to {checkpoint.save_agent(agent, args, run_dir, VARIANT)}")
     if args.eval_episodes:
         from utils.evaluate import evaluate, save_results
 
-        results = evaluate(
-            agent,
-            args.env_id,
-            episodes=args.eval_episodes,
-            seed=args.seed + 1000,
-            greedy=args.eval_greedy,
-            sticky_actions=args.sticky_actions,
-        )
+        results = evaluate(agent, args.env_id, episodes=args.eval_episodes, seed=args.seed + 1000,
+                           greedy=args.eval_greedy, sticky_actions=args.sticky_actions)  # fmt: skip
         results |= {"exp_name": args.exp_name, "seed": args.seed}
         save_results(results, os.path.join(run_dir, "eval_results.json"))
         for i, episodic_return in enumerate(results["returns"]):
             writer.add_scalar("eval/episodic_return", episodic_return, i)
         hns = "n/a (not an Atari100k game)" if results["hns"] is None else f"{results['hns']:.3f}"
-        print(
-            f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, human-normalised {hns}"
-        )
+        print(f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, human-normalised "
+              f"{hns}")
     writer.close()  # flush every event before the upload
     if args.upload_model:
         from utils.hub import push_to_hub
@@ -1420,7 +1138,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    sys.exit(run_cli(lambda: main(tyro.cli(Args))))

@@ -3,15 +3,13 @@
 # Paper: "Drama: Mamba-Enabled Model-Based Reinforcement Learning Is Sample and Parameter Efficient".
 # One complete file per agent: drama_xs.py (the default), drama_s.py, drama_mamba1.py and
 # drama_uniform_sampling.py. `diff drama_xs.py drama_mamba1.py` shows an ablation and nothing else.
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -20,12 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from utils import UserError
+from utils import UserError, checkpoint, resolve_device, run_cli
 from utils.atari import check_env_id, make_env
+from utils.checks import check_compiler, check_ranges
 from utils.dream import log_dream
 from utils.precision import autocast as precision_autocast
 from utils.precision import precision_of
-from utils.progress import StepClock, eta_seconds
+from utils.progress import ProgressLine, start_logging
 
 try:  # fused CUDA kernel for the SSD scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
     import mamba_ssm
@@ -199,58 +198,19 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Fail early, with one line naming the fix, on values the model or the buffer cannot work with."""
-    positive = [
-        "total_timesteps",
-        "buffer_size",
-        "batch_size",
-        "sequence_length",
-        "imagine_batch_size",
-        "imagine_context_length",
-        "imagine_horizon",
-        "d_model",
-        "d_state",
-        "d_conv",
-        "expand",
-        "n_layers",
-        "act_context_length",
-        "stoch_categoricals",
-        "stoch_classes",
-        "warmup_updates",
-        "log_every",
-    ]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if min(args.random_steps, args.eval_episodes, args.train_ratio, args.checkpoint_every, args.dream_every) < 0:
-        raise UserError(
-            "--random-steps, --eval-episodes, --train-ratio, --checkpoint-every and --dream-every must be >= 0"
-        )
-    if args.upload_model and not args.save_model:
-        raise UserError("--upload-model needs the saved agent: drop --no-save-model")
-    if args.sequence_length > args.buffer_size:
-        raise UserError(f"--sequence-length {args.sequence_length} is longer than --buffer-size {args.buffer_size}")
+    """Fail early, with one line naming the fix, on values the model cannot work with (ranges: utils/checks.py)."""
+    check_ranges(args)
     if args.imagine_context_length > args.sequence_length:
-        raise UserError(
-            f"--imagine-context-length {args.imagine_context_length} is longer than "
-            f"--sequence-length {args.sequence_length}: lower it or raise --sequence-length"
-        )
-    if args.random_steps < args.sequence_length:
-        raise UserError(
-            f"--random-steps {args.random_steps} must be >= --sequence-length {args.sequence_length} "
-            "so that the first world-model batch exists"
-        )
+        raise UserError(f"--imagine-context-length {args.imagine_context_length} is longer than --sequence-length "
+                        f"{args.sequence_length}: lower it or raise --sequence-length")
     if args.tau <= 0 or args.tau_img <= 0:
         raise UserError(f"the DFS temperatures --tau {args.tau} and --tau-img {args.tau_img} must be positive")
     if args.headdim <= 0 or args.chunk_size <= 0 or (args.expand * args.d_model) % args.headdim:
-        raise UserError(
-            f"--headdim {args.headdim} must be positive and divide expand * d_model = {args.expand * args.d_model}, "
-            f"and --chunk-size {args.chunk_size} must be positive"
-        )
+        raise UserError(f"--headdim {args.headdim} must be positive and divide expand * d_model = "
+                        f"{args.expand * args.d_model}, and --chunk-size {args.chunk_size} must be positive")
     if len(args.encoder_filters) < 2 or 64 % 2 ** (len(args.encoder_filters) - 1) or min(args.encoder_filters) <= 0:
-        raise UserError(
-            "--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next halves it)"
-        )
+        raise UserError("--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next "
+                        "halves it)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,11 +251,8 @@ class Decoder(nn.Module):
         self.linear = nn.Linear(latent_dim, math.prod(self.start_shape))
         layers = [nn.BatchNorm2d(mirrored[0]), nn.SiLU()]
         for in_channels, out_channels in zip(mirrored[:-1], mirrored[1:], strict=True):
-            layers += [
-                nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1),
-                nn.BatchNorm2d(out_channels),
-                nn.SiLU(),
-            ]
+            deconv = nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1)
+            layers += [deconv, nn.BatchNorm2d(out_channels), nn.SiLU()]
         layers += [nn.ConvTranspose2d(mirrored[-1], 3, 5, 1, 2)]
         self.net = nn.Sequential(*layers)
 
@@ -451,16 +408,8 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
         A = -torch.exp(self.A_log.float())  # (H,)
         if u.is_cuda and mamba_chunk_scan_combined is not None:
-            y, ssm_state = mamba_chunk_scan_combined(
-                x,
-                dt,
-                A,
-                B[:, :, None],
-                C[:, :, None],
-                self.chunk_size,
-                initial_states=initial_state,
-                return_final_states=True,
-            )
+            y, ssm_state = mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
+                                                     initial_states=initial_state, return_final_states=True)
         else:
             y, ssm_state = ssd_scan(x, dt, A, B, C, self.chunk_size, initial_state)
         y = y + x * self.D[:, None]  # (B, L, H, P)
@@ -513,9 +462,8 @@ class Dynamics(nn.Module):
     def __init__(self, args: Args, latent_dim: int, action_dim: int):
         super().__init__()
         self.action_dim = action_dim
-        self.stem = nn.Sequential(
-            nn.Linear(latent_dim + action_dim, args.d_model), nn.RMSNorm(args.d_model, eps=1e-6), nn.SiLU()
-        )
+        stem = nn.Linear(latent_dim + action_dim, args.d_model)
+        self.stem = nn.Sequential(stem, nn.RMSNorm(args.d_model, eps=1e-6), nn.SiLU())
         self.blocks = nn.ModuleList(MambaBlock(args) for _ in range(args.n_layers))
         self.norm = nn.RMSNorm(args.d_model, eps=1e-5)
         nn.init.zeros_(self.stem[0].bias)
@@ -660,30 +608,16 @@ class WorldModel(nn.Module):
         representation_kl = categorical_kl(next_posterior, prior.detach()).mean()
         dynamics_loss = dynamics_kl.clamp(min=self.args.free_bits)
         representation_loss = representation_kl.clamp(min=self.args.free_bits)
-        total = (
-            reconstruction_loss
-            + reward_loss
-            + termination_loss
-            + self.args.dyn_loss_scale * dynamics_loss
-            + self.args.rep_loss_scale * representation_loss
-        )
-        return total, {
-            "reconstruction_loss": reconstruction_loss,
-            "reward_loss": reward_loss,
-            "termination_loss": termination_loss,
-            "dynamics_kl": dynamics_kl,
-            "representation_kl": representation_kl,
-            "world_model_loss": total,
-        }
+        total = reconstruction_loss + reward_loss + termination_loss  # paper eq. 7
+        total = total + self.args.dyn_loss_scale * dynamics_loss + self.args.rep_loss_scale * representation_loss
+        return total, dict(reconstruction_loss=reconstruction_loss, reward_loss=reward_loss,
+                           termination_loss=termination_loss, dynamics_kl=dynamics_kl,
+                           representation_kl=representation_kl, world_model_loss=total)  # fmt: skip
 
     def parameter_counts(self) -> dict[str, int]:
-        parts = {
-            "encoder": [self.encoder],
-            "decoder": [self.decoder],
-            "dynamics": [self.dynamics],
-            "posterior+prior heads": [self.posterior_head, self.prior_head],
-            "reward+termination heads": [self.reward_head, self.termination_head],
-        }
+        parts = {"encoder": [self.encoder], "decoder": [self.decoder], "dynamics": [self.dynamics],
+                 "posterior+prior heads": [self.posterior_head, self.prior_head],
+                 "reward+termination heads": [self.reward_head, self.termination_head]}  # fmt: skip
         counts = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in parts.items()}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
@@ -774,9 +708,8 @@ class ActorCritic(nn.Module):
         values = self.twohot.decode(critic_logits.detach())  # (B, H+1)
         with torch.no_grad():
             returns = lambda_returns(rewards, continuations, values, self.args.gamma, self.args.lam)
-            slow_returns = lambda_returns(
-                rewards, continuations, self.value(features, slow=True), self.args.gamma, self.args.lam
-            )
+            slow_values = self.value(features, slow=True)  # (B, H+1)
+            slow_returns = lambda_returns(rewards, continuations, slow_values, self.args.gamma, self.args.lam)
             low, high = nearest_rank(returns, 0.05), nearest_rank(returns, 0.95)
             decay = self.args.return_norm_decay
             self.return_low.lerp_(low, 1 - decay)
@@ -788,13 +721,8 @@ class ActorCritic(nn.Module):
         actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
         critic_logits = critic_logits[:, :-1]  # (B, H, 255): the states whose returns are known
         critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
-        return actor_loss + critic_loss, {
-            "actor_loss": actor_loss,
-            "critic_loss": critic_loss,
-            "entropy": entropy.mean(),
-            "return_scale": scale,
-            "imagined_return": returns.mean(),
-        }
+        return actor_loss + critic_loss, dict(actor_loss=actor_loss, critic_loss=critic_loss, entropy=entropy.mean(),
+                                              return_scale=scale, imagined_return=returns.mean())  # fmt: skip
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
@@ -986,21 +914,15 @@ class ReplayBuffer:
         "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
         """
         index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
-        batch = {
-            "actions": self.actions[index],
-            "rewards": self.rewards[index],
-            "terminations": self.terminations[index],
-        }
+        batch = dict(actions=self.actions[index], rewards=self.rewards[index], terminations=self.terminations[index])
         if distinct_frames:
             distinct, inverse = np.unique(index, return_inverse=True)
             batch["frames"], batch["frame_index"] = self.obs[distinct], inverse.reshape(index.shape)
         else:
             batch["obs"] = self.obs[index]
         pin = torch.device(device).type == "cuda"
-        return {
-            k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=True)
-            for k, v in batch.items()
-        }
+        tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -1063,24 +985,17 @@ def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, a
     batch = buffer.sequences(starts, args.imagine_context_length, device, distinct_frames=True)
     agent.world_model.eval()
     with autocast:
-        features, actions, rewards, continuations = imagine(
-            agent.world_model,
-            agent.actor_critic,
-            batch["frames"],
-            batch["frame_index"],
-            batch["actions"],
-            args.imagine_horizon,
-            step,
-        )
+        features, actions, rewards, continuations = imagine(agent.world_model, agent.actor_critic, batch["frames"],
+                                                            batch["frame_index"], batch["actions"],
+                                                            args.imagine_horizon, step)  # fmt: skip
     features = features.float()
     agent.actor_critic.norm.update(features.flatten(0, 1))
     with autocast:
         loss, metrics = agent.actor_critic.loss(features, actions, rewards.float(), continuations.float())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    metrics["actor_critic_grad_norm"] = nn.utils.clip_grad_norm_(
-        [p for p in agent.actor_critic.parameters() if p.requires_grad], args.ac_grad_clip
-    )
+    trained = [p for p in agent.actor_critic.parameters() if p.requires_grad]  # not the slow critic
+    metrics["actor_critic_grad_norm"] = nn.utils.clip_grad_norm_(trained, args.ac_grad_clip)
     optimizer.step()
     scheduler.step()
     agent.actor_critic.update_slow_critic()
@@ -1094,182 +1009,15 @@ def make_optimizer(parameters, lr: float, warmup: int):
     return optimizer, scheduler
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file to `path.tmp`, then rename: a crash mid-write leaves the old file intact."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
-
-
-def save_agent(agent: Agent, args: Args, run_dir: str) -> str:
-    """Write `agent.safetensors` (weights and normaliser statistics) and `args.json`, each atomically."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "agent.safetensors")
-    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "env_id": args.env_id}
-    atomic_save(agent.state_dict(), path, metadata)
-    with open(os.path.join(run_dir, "args.json.tmp"), "w") as f:
-        json.dump({**asdict(args), "variant": VARIANT, "action_dim": agent.action_dim}, f, indent=2)
-    os.replace(os.path.join(run_dir, "args.json.tmp"), os.path.join(run_dir, "args.json"))
-    return path
-
-
-def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {f"{prefix}.{i}.{k}": v for i, p in enumerate(params) for k, v in optimizer.state.get(p, {}).items()}
-
-
-def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            _, index, name = key.rsplit(".", 2)
-            param = params[int(index)]
-            optimizer.state[param][name] = value if name == "step" else value.to(param.device)  # step: on the CPU
-
-
-def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
-    """torch's generators a run draws from: the CPU's, and the GPU's when it trains on one (latents, actions)."""
-    tensors = {"torch_rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return tensors
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Set the generators `rng_tensors` saved; a CUDA state is skipped on a CPU (and absent from a CPU run)."""
-    torch.set_rng_state(tensors["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda_rng"], device)
-
-
-def save_training_state(run_dir: str, training: dict) -> None:
-    """Everything a run needs to continue exactly: models, optimisers, replay + DFS counters, RNGs, counters."""
-    agent, buffer = training["agent"], training["buffer"]
-    tensors = {f"agent.{k}": v for k, v in agent.state_dict().items()}
-    tensors |= optimizer_tensors("wm_optimizer", training["wm_optimizer"])
-    tensors |= optimizer_tensors("ac_optimizer", training["ac_optimizer"])
-    tensors |= {
-        f"buffer.{k}": torch.from_numpy(v[: buffer.size]) for k, v in vars(buffer).items() if isinstance(v, np.ndarray)
-    }
-    tensors["action_history"] = torch.tensor(training["action_history"], dtype=torch.int64)
-    tensors |= rng_tensors(next(agent.parameters()).device)
-    for i, window in enumerate(agent.windows):
-        if window:
-            tensors[f"window.{i}.z"] = torch.stack([z for z, _ in window])
-            tensors[f"window.{i}.actions"] = torch.stack([a for _, a in window])
-    progress = {k: training[k] for k in ("global_step", "updates", "update_budget", "episode_start", "run_name")}
-    progress |= {
-        "recent_returns": [float(r) for r in training["recent_returns"]],
-        "buffer": {"next": buffer.next, "size": buffer.size},
-        "wm_scheduler": training["wm_scheduler"].state_dict(),
-        "ac_scheduler": training["ac_scheduler"].state_dict(),
-        "rng": training["rng"].bit_generator.state,
-        "args": asdict(training["args"]),
-    }
-    metadata = {"variant": VARIANT, "action_dim": str(agent.action_dim), "progress": json.dumps(progress)}
-    atomic_save(tensors, os.path.join(run_dir, "checkpoint.safetensors"), metadata)
-
-
-def read_training_state(run_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read and check `run_dir/checkpoint.safetensors`: (tensors, progress). One-line errors name the fix."""
-    from safetensors import safe_open
-
-    path = os.path.join(run_dir, "checkpoint.safetensors")
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no checkpoint at {path}: pass --resume runs/<run_name> of a run saved with --checkpoint-every"
-        )
-    try:
-        with safe_open(path, "pt") as f:
-            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:
-        raise UserError(f"{path} is corrupted or truncated ({error}): resume from another run or start anew") from None
-    if metadata.get("variant") != VARIANT:
-        raise UserError(f"{path} was written by {metadata.get('variant')}.py, not {VARIANT}.py: resume it with that")
-    progress = json.loads(metadata["progress"])
-    progress["action_dim"] = int(metadata["action_dim"])
-    return tensors, progress
-
-
-def restore_training_state(training: dict, tensors: dict[str, torch.Tensor], progress: dict) -> None:
-    agent, buffer = training["agent"], training["buffer"]
-    agent.load_state_dict({k[len("agent.") :]: v for k, v in tensors.items() if k.startswith("agent.")})
-    load_optimizer_tensors("wm_optimizer", training["wm_optimizer"], tensors)
-    load_optimizer_tensors("ac_optimizer", training["ac_optimizer"], tensors)
-    for name, array in vars(buffer).items():
-        if isinstance(array, np.ndarray):
-            array[: progress["buffer"]["size"]] = tensors[f"buffer.{name}"].numpy()
-    buffer.next, buffer.size = progress["buffer"]["next"], progress["buffer"]["size"]
-    for name in ("wm", "ac"):
-        scheduler = training[f"{name}_scheduler"]
-        scheduler.load_state_dict(progress[f"{name}_scheduler"])
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr  # the learning rate the saved run's next update would have used
-    training["rng"].bit_generator.state = progress["rng"]
-    device = next(agent.parameters()).device
-    restore_rng(tensors, device)
-    for i, window in enumerate(agent.windows):
-        if f"window.{i}.z" in tensors:
-            z, actions = tensors[f"window.{i}.z"].to(device), tensors[f"window.{i}.actions"].to(device)
-            window.extend(zip(z, actions, strict=True))
-    training["action_history"] = tensors["action_history"].tolist()
-    training["recent_returns"].extend(progress["recent_returns"])
-    for key in ("global_step", "updates", "update_budget", "episode_start"):
-        training[key] = progress[key]
-
-
-def replay_env(env, seed: int, actions: list[int]):
-    """Bring a fresh env to where the saved run left it: ALE is deterministic given the seed and the actions."""
-    obs, _ = env.reset(seed=seed)
-    for action in actions:
-        obs, _, terminated, truncated, _ = env.step(action)
-        if terminated or truncated:
-            obs, _ = env.reset()
-    return obs
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
-
-
-def check_compiler(device: torch.device) -> None:
-    """--compile builds code at run time: inductor's C++ on a CPU, Triton's C launchers on CUDA."""
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
-    if device.type == "cuda" and not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-        raise UserError(
-            "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, "
-            "or drop --compile"
-        )
-
-
-def given_on_command_line(field: str) -> bool:
-    """Whether the flag of this Args field is on the command line (tyro takes `--a-b`, `--a_b` and `--a-b=1`)."""
-    flags = {"--" + field, "--" + field.replace("_", "-")}
-    return any(arg.split("=")[0] in flags for arg in sys.argv[1:])
-
-
 def main(args: Args) -> None:
-    saved = None
-    if args.resume:  # every setting comes from the saved run, except how long to train (when given), where and how
-        saved = read_training_state(args.resume)
-        step, total = saved[1]["global_step"], saved[1]["args"]["total_timesteps"]
-        total = args.total_timesteps if given_on_command_line("total_timesteps") else total
-        if total < step:
-            raise UserError(f"--total-timesteps {total} < step {step}, where {args.resume} stopped: give >= {step}")
-        given = {k: getattr(args, k) for k in ("resume", "device", "compile", "torch_threads")}
-        args = Args(**{**saved[1]["args"], **given, "total_timesteps": total, "run_dir": args.resume})
-        args.encoder_filters = tuple(args.encoder_filters)
+    # TRY NOT TO MODIFY: resuming, run folder, seeding, device, logging
+    saved = checkpoint.read_training_state(args.resume, VARIANT) if args.resume else None
+    if saved:  # every setting comes from the saved run, except how long to train (when given), where and how
+        args = checkpoint.resume_args(args, saved[1])
     check_args(args)
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or args.run_dir or os.path.join("runs", run_name)
-    taken = [f for f in ("args.json", "checkpoint.safetensors") if os.path.exists(os.path.join(run_dir, f))]
-    if args.run_dir and not saved and taken:
-        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-dir")
+    run_dir = checkpoint.run_folder(args, run_name)
     device = resolve_device(args.device)
     if args.compile:
         check_compiler(device)
@@ -1282,32 +1030,15 @@ def main(args: Args) -> None:
     precision, why = precision_of(args.precision, device)
     autocast = precision_autocast(device, precision)
     print(f"precision {precision} ({why})", flush=True)
+    writer = start_logging(args, run_name, run_dir, purge_step=saved[1]["global_step"] if saved else None)
 
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--track needs Weights and Biases: pip install wandb") from None
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            monitor_gym=True,
-            save_code=True,
-            resume="allow" if saved else None,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir, purge_step=saved[1]["global_step"] if saved else None)
-    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-
+    # TRY NOT TO MODIFY: env setup
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
     action_dim = int(env.action_space.n)
     if saved and saved[1]["action_dim"] != action_dim:
         raise UserError(f"{args.resume} has {saved[1]['action_dim']} actions but {args.env_id} has {action_dim}")
+
+    # ALGO LOGIC: the agent (world model + actor-critic), its two optimisers and the replay buffer
     agent = Agent(args, action_dim).to(device)
     counts = agent.world_model.parameter_counts()
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -1316,103 +1047,84 @@ def main(args: Args) -> None:
     imagination_step = torch.compile(imagine_step) if args.compile else imagine_step  # compiles on first use
     wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
     ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)
-    training = dict(
-        args=args, agent=agent, buffer=ReplayBuffer(args.buffer_size), rng=np.random.default_rng(args.seed),
-        wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler,
-        global_step=0, updates=0, update_budget=0.0, episode_start=True, recent_returns=deque(maxlen=5),
-        action_history=[], run_name=run_name,
-    )  # fmt: skip
+    buffer, rng = ReplayBuffer(args.buffer_size), np.random.default_rng(args.seed)
+    first_step, updates, update_budget, episode_start = 0, 0, 0.0, True
+    recent_returns, action_history = deque(maxlen=5), []
+
+    def loop_state(global_step: int) -> dict:  # what --resume needs, gathered when a checkpoint is written or read
+        return dict(agent=agent, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer,
+                    ac_scheduler=ac_scheduler, buffer=buffer, rng=rng, window=agent.windows,
+                    action_history=action_history, recent_returns=recent_returns, global_step=global_step,
+                    updates=updates, update_budget=update_budget, episode_start=episode_start, run_name=run_name,
+                    args=args)  # fmt: skip
+
     if saved:
-        restore_training_state(training, *saved)
-        print(f"resuming {run_name} at step {training['global_step']}: replaying the env", flush=True)
-        obs = replay_env(env, args.seed, training["action_history"])
+        restored = checkpoint.restore_training_state(loop_state(0), *saved)
+        first_step, updates, update_budget, episode_start = (
+            restored[k] for k in ("global_step", "updates", "update_budget", "episode_start"))  # fmt: skip
+        print(f"resuming {run_name} at step {first_step}: replaying the env", flush=True)
+        obs = checkpoint.replay_env(env, args.seed, action_history)
     else:
         obs, _ = env.reset(seed=args.seed)
-    buffer, rng, recent_returns = training["buffer"], training["rng"], training["recent_returns"]
-    episode_start, first_step = training["episode_start"], training["global_step"]
-    start_time = last_print = time.time()
-    clock = StepClock()  # recent seconds per random step and per training step, for the ETA
+    progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
     for global_step in range(first_step, args.total_timesteps):
-        # ALGO LOGIC: act (random before `random_steps`, then the actor on the world model's state)
+        # ALGO LOGIC: collect (random actions before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
             action = int(rng.integers(action_dim))
         else:
             action = int(agent.act(obs[None], np.array([episode_start]))[0])
-        training["action_history"].append(action)
+        action_history.append(action)
         next_obs, reward, terminated, truncated, info = env.step(action)
         # a lost life is a termination for the world model, but the game goes on
         buffer.add(obs, action, reward, terminated or info["life_loss"], episode_start)
         obs, episode_start = next_obs, terminated or truncated
-        if episode_start:
+        if episode_start:  # TRY NOT TO MODIFY: record the episode
             recent_returns.append(info["episode"]["r"])
             writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
             writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
             writer.add_scalar("charts/episodic_return_mean5", np.mean(recent_returns), global_step)
             obs, _ = env.reset()
 
-        # ALGO LOGIC: one world-model and one actor-critic update per env step (train_ratio)
+        # ALGO LOGIC: train the world model, imagine and train the actor-critic (`train_ratio` of each per env step)
         if global_step >= args.random_steps:
-            training["update_budget"] += args.train_ratio
-            while training["update_budget"] >= 1:
-                training["update_budget"] -= 1
-                training["updates"] += 1
+            update_budget += args.train_ratio
+            while update_budget >= 1:
+                update_budget, updates = update_budget - 1, updates + 1
                 metrics = train_world_model(agent, wm_optimizer, wm_scheduler, buffer, args, rng, device, autocast)
                 metrics |= train_actor_critic(
                     agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast, imagination_step
                 )
-                if training["updates"] % args.log_every == 0:
+                # TRY NOT TO MODIFY: record the losses and a dream
+                if updates % args.log_every == 0:
                     for key, value in metrics.items():
                         writer.add_scalar(f"losses/{key}", float(value.detach()), global_step)
                     writer.add_scalar("charts/learning_rate", wm_optimizer.param_groups[0]["lr"], global_step)
-                if args.dream_every and training["updates"] % args.dream_every == 0:
+                if args.dream_every and updates % args.dream_every == 0:
                     log_dream(writer, agent, buffer, global_step, context_length=args.imagine_context_length)
 
-        training["global_step"], training["episode_start"] = global_step + 1, episode_start
-        if args.checkpoint_every and training["global_step"] % args.checkpoint_every == 0:
-            save_training_state(run_dir, training)
-        clock.tick("random" if global_step < args.random_steps else "training")
-        sps = (global_step + 1 - first_step) / (time.time() - start_time)
-        if global_step % 100 == 0:
-            writer.add_scalar("charts/SPS", sps, global_step)
-        if time.time() - last_print > 10 or global_step in (first_step, args.total_timesteps - 1):
-            last_print = time.time()
-            steps_left = args.total_timesteps - global_step - 1
-            random_left = min(steps_left, max(0, args.random_steps - global_step - 1))
-            training_s = clock.seconds_per_step("training")  # an action and train_ratio updates
-            eta = eta_seconds(random_left, steps_left - random_left, clock.seconds_per_step("random"), training_s)
-            eta_text = "after the first updates" if eta is None else f"{eta / 3600:.1f} h"
-            update_s = f"{training_s / args.train_ratio:.2f}" if training_s and args.train_ratio else "-"
-            mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
-            print(
-                f"step {global_step + 1}/{args.total_timesteps} updates {training['updates']} SPS {sps:.1f} "
-                f"s/update {update_s} ETA {eta_text} return(mean of 5) {mean_return}",
-                flush=True,
-            )
+        # TRY NOT TO MODIFY: checkpoint and progress line
+        if args.checkpoint_every and (global_step + 1) % args.checkpoint_every == 0:
+            checkpoint.save_training_state(run_dir, loop_state(global_step + 1), VARIANT)
+        progress.step(global_step, updates, recent_returns, writer)
     env.close()
 
-    if args.checkpoint_every and training["global_step"] % args.checkpoint_every:  # not saved at the last step yet
-        save_training_state(run_dir, training)
+    # TRY NOT TO MODIFY: save, evaluate, upload
+    if args.checkpoint_every and args.total_timesteps % args.checkpoint_every:  # not saved at the last step yet
+        checkpoint.save_training_state(run_dir, loop_state(args.total_timesteps), VARIANT)
     if args.save_model:
-        print(f"agent saved to {save_agent(agent, args, run_dir)}")
+        print(f"agent saved to {checkpoint.save_agent(agent, args, run_dir, VARIANT)}")
     if args.eval_episodes:
         from utils.evaluate import evaluate, save_results
 
-        results = evaluate(
-            agent,
-            args.env_id,
-            episodes=args.eval_episodes,
-            seed=args.seed + 1000,
-            greedy=args.eval_greedy,
-            sticky_actions=args.sticky_actions,
-        )
+        results = evaluate(agent, args.env_id, episodes=args.eval_episodes, seed=args.seed + 1000,
+                           greedy=args.eval_greedy, sticky_actions=args.sticky_actions)  # fmt: skip
         results |= {"exp_name": args.exp_name, "seed": args.seed}
         save_results(results, os.path.join(run_dir, "eval_results.json"))
         for i, episodic_return in enumerate(results["returns"]):
             writer.add_scalar("eval/episodic_return", episodic_return, i)
         hns = "n/a (not an Atari100k game)" if results["hns"] is None else f"{results['hns']:.3f}"
-        print(
-            f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, human-normalised {hns}"
-        )
+        print(f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, human-normalised "
+              f"{hns}")
     writer.close()  # flush every event before the upload
     if args.upload_model:
         from utils.hub import push_to_hub
@@ -1421,7 +1133,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    sys.exit(run_cli(lambda: main(tyro.cli(Args))))

@@ -10,12 +10,14 @@ the gate, a state one step off, a lost initial state) gives 1e-1 and more.
 import importlib.util
 import math
 import shutil
+from collections import deque
 
 import numpy as np
 import pytest
 import torch
 
 import drama_xs
+from utils.checkpoint import read_training_state, restore_training_state, save_agent, save_training_state
 
 CUDA = torch.device("cuda")
 HAS_CUDA = torch.cuda.is_available()
@@ -180,7 +182,8 @@ def tiny_training(args: drama_xs.Args, action_dim: int = 4) -> dict:
     return dict(
         args=args, agent=agent, buffer=buffer, rng=rng, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler,
         ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler, global_step=64, updates=0, update_budget=0.0,
-        episode_start=False, recent_returns=[], action_history=[0] * 64, run_name="cuda",
+        episode_start=False, recent_returns=deque(maxlen=5), action_history=[0] * 64, window=agent.windows,
+        run_name="cuda",
     )  # fmt: skip
 
 
@@ -214,18 +217,18 @@ def test_one_full_update_dream_save_load_and_resume_on_cuda(tmp_path):
         result = log_dream(writer, agent, buffer, 5000, length=32, context_length=4)
     assert result["imagined"].shape == (32, 64, 64, 3) and np.isfinite(result["imagination_mse"]).all()
 
-    drama_xs.save_agent(agent, args, str(tmp_path / "agent"))
+    save_agent(agent, args, str(tmp_path / "agent"), "drama_xs")
     for device in ("cpu", CUDA.type):  # a GPU-trained agent plays on a laptop
         loaded = load_agent(str(tmp_path / "agent"), device=device)
         for key, value in agent.state_dict().items():
             assert torch.equal(loaded.state_dict()[key].cpu(), value.cpu()), key
         assert loaded.act(np.zeros((1, 64, 64, 3), np.uint8), np.array([True])).shape == (1,)
 
-    drama_xs.save_training_state(str(tmp_path), training)
+    save_training_state(str(tmp_path), training, "drama_xs")
     expected = torch.rand(8, device=CUDA)  # what the run would draw next from the CUDA generator
     restored = tiny_training(args)
     torch.cuda.manual_seed(123)  # another CUDA generator state, as in a fresh process
-    drama_xs.restore_training_state(restored, *drama_xs.read_training_state(str(tmp_path)))
+    restore_training_state(restored, *read_training_state(str(tmp_path), "drama_xs"))
     assert torch.equal(torch.rand(8, device=CUDA), expected)
     for optimizer in (restored["wm_optimizer"], restored["ac_optimizer"]):
         for state in optimizer.state.values():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import utils
 from utils.atari import make_env
+from utils.checkpoint import read_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling"]
@@ -1306,7 +1307,7 @@ def test_end_to_end_training_run(variant, tmp_path):
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith(f"Breakout-v5__{variant}__5__")
     run_dir = run_dirs[0]
     # the replay buffer holds what the game did: a lost life is a termination target, the game goes on
-    tensors, saved = mod.read_training_state(str(run_dir))
+    tensors, saved = read_training_state(str(run_dir), variant)
     actions = tensors["action_history"].tolist()
     assert len(actions) == 300 and saved["global_step"] == 300
     game = replay_game("ALE/Breakout-v5", 5, actions)
@@ -1363,26 +1364,26 @@ BAD_FLAGS = [(["--batch-size", "-1"], "--batch-size"), (["--env-id", "ALE/Krul-v
 
 @pytest.mark.parametrize("variant", EXISTING)
 @pytest.mark.parametrize("flags, words", BAD_FLAGS, ids=["negative-batch", "typo-env"])
-def test_bad_flags_exit_with_one_line_error(variant, flags, words, tmp_path, monkeypatch):
+def test_bad_flags_exit_with_one_line_error(variant, flags, words, tmp_path, monkeypatch, capsys):
     """The script's __main__ block, run in this process (a subprocess per case costs ~8 s of imports)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [f"{variant}.py", *flags])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / f"{variant}.py"), run_name="__main__")
-    message = exit_info.value.code  # sys.exit(message): Python prints it to stderr and exits with status 1
-    assert isinstance(message, str) and message.startswith("error:") and "\n" not in message
+    message = capsys.readouterr().err  # utils.run_cli: the one line on stderr, exit status 2
+    assert exit_info.value.code == 2 and message.startswith("error:") and message.count("\n") == 1
     assert words in message
     assert not (tmp_path / "runs").exists()  # nothing written before the check
 
 
-def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(sys, "argv", ["drama_xs.py", "--compile", "--device", "cpu"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "drama_xs.py"), run_name="__main__")
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("error:") and "\n" not in message
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message.startswith("error:") and message.count("\n") == 1
     assert "--compile" in message and "g++" in message
     assert not (tmp_path / "runs").exists()
 
@@ -1390,7 +1391,7 @@ def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, monkeypatc
 @pytest.mark.parametrize("flags, words", BAD_FLAGS, ids=["negative-batch", "typo-env"])
 def test_bad_flags_subprocess_stderr(flags, words, tmp_path):
     result = run_script("drama_xs", flags, tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr

@@ -13,6 +13,8 @@ import torch.nn as nn
 
 import drama_xs
 from utils import dream as dr
+from utils import play
+from utils.checkpoint import save_agent
 
 REPO = Path(__file__).resolve().parent.parent
 PONG_MEANINGS = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
@@ -144,18 +146,18 @@ def test_error_vs_horizon_exact_on_stub():
 
 
 def test_key_action():
-    assert dr.key_action([], PONG_MEANINGS) == 0
-    assert dr.key_action(["right"], PONG_MEANINGS) == 2
-    assert dr.key_action(["right", "space"], PONG_MEANINGS) == 4
-    assert dr.key_action(["space"], PONG_MEANINGS) == 1
-    assert dr.key_action(["up"], PONG_MEANINGS) == 0  # Pong has no UP: NOOP
-    assert dr.key_action(["up", "left", "space"], PONG_MEANINGS) == 5  # UPLEFTFIRE -> LEFTFIRE
-    assert dr.key_action(["3"], PONG_MEANINGS) == 3
-    assert dr.key_action(["9"], PONG_MEANINGS) == 0  # no action 9: NOOP
+    assert play.key_action([], PONG_MEANINGS) == 0
+    assert play.key_action(["right"], PONG_MEANINGS) == 2
+    assert play.key_action(["right", "space"], PONG_MEANINGS) == 4
+    assert play.key_action(["space"], PONG_MEANINGS) == 1
+    assert play.key_action(["up"], PONG_MEANINGS) == 0  # Pong has no UP: NOOP
+    assert play.key_action(["up", "left", "space"], PONG_MEANINGS) == 5  # UPLEFTFIRE -> LEFTFIRE
+    assert play.key_action(["3"], PONG_MEANINGS) == 3
+    assert play.key_action(["9"], PONG_MEANINGS) == 0  # no action 9: NOOP
     full = ["NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT", "UPFIRE"]
-    assert dr.key_action(["up", "space"], full) == full.index("UPFIRE")
-    assert dr.key_action(["down", "left"], full) == full.index("DOWNLEFT")
-    assert dr.key_action(["up", "down", "left"], full) == full.index("LEFT")
+    assert play.key_action(["up", "space"], full) == full.index("UPFIRE")
+    assert play.key_action(["down", "left"], full) == full.index("DOWNLEFT")
+    assert play.key_action(["up", "down", "left"], full) == full.index("LEFT")
 
 
 def test_interactive_headless(tiny_agent, monkeypatch):
@@ -163,18 +165,18 @@ def test_interactive_headless(tiny_agent, monkeypatch):
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
     obs, actions, _ = trajectory(4)
     keys = [None, "up", {"right", "space"}, "r", "2", None]
-    frames = dr.play_interactive(tiny_agent.world_model, (obs, actions), PONG_MEANINGS, keys, fps=0)
+    frames = play.play_interactive(tiny_agent.world_model, (obs, actions), PONG_MEANINGS, keys, fps=0)
     assert len(frames) == 1 + 5 + 1  # first frame, 5 steps, 1 restart (then the scripted keys end)
     assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
-    assert len(dr.play_interactive(tiny_agent.world_model, (obs, actions), PONG_MEANINGS, keys, steps=2, fps=0)) == 3
-    assert len(dr.play_interactive(tiny_agent.world_model, (obs, actions), PONG_MEANINGS, [None, "escape"])) == 2
+    assert len(play.play_interactive(tiny_agent.world_model, (obs, actions), PONG_MEANINGS, keys, steps=2, fps=0)) == 3
+    assert len(play.play_interactive(tiny_agent.world_model, (obs, actions), PONG_MEANINGS, [None, "escape"])) == 2
     calls = []
 
     def fresh():
         calls.append(1)
         return obs, actions
 
-    assert len(dr.play_interactive(tiny_agent.world_model, fresh, PONG_MEANINGS, ["r", "r"], fps=0)) == 3
+    assert len(play.play_interactive(tiny_agent.world_model, fresh, PONG_MEANINGS, ["r", "r"], fps=0)) == 3
     assert len(calls) == 3
 
 
@@ -210,7 +212,7 @@ def run_cli(*argv, cwd):
 def test_cli_writes_video_and_curves(tiny_agent, tmp_path):
     import imageio.v2 as imageio
 
-    drama_xs.save_agent(tiny_agent, tiny_args(), str(tmp_path / "agent"))
+    save_agent(tiny_agent, tiny_args(), str(tmp_path / "agent"), "drama_xs")
     out = tmp_path / "out"
     flags = ["--max-steps", "40", "--context-length", "4", "--horizon", "6", "--windows", "2", "--max-starts", "8"]
     proc = run_cli(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from utils import UserError
+from utils.checks import check_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling"]
@@ -95,19 +96,18 @@ def tiny_args(mod, **overrides):
 
 
 def test_compile_on_cuda_without_a_c_compiler_is_a_one_line_error(monkeypatch):
-    drama_xs = importlib.import_module("drama_xs")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.delenv("CC", raising=False)
     with pytest.raises(UserError, match="--compile on CUDA needs a C compiler for Triton") as error:
-        drama_xs.check_compiler(CUDA)
+        check_compiler(CUDA)
     assert "\n" not in str(error.value) and "drop --compile" in str(error.value)
     monkeypatch.setenv("CC", "/opt/cc")  # Triton takes $CC first
-    drama_xs.check_compiler(CUDA)
+    check_compiler(CUDA)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
     monkeypatch.delenv("CC")
-    drama_xs.check_compiler(CUDA)
+    check_compiler(CUDA)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):  # the CPU needs C++, not C
-        drama_xs.check_compiler(CPU)
+        check_compiler(CPU)
 
 
 def test_policy_skips_argument_validation(mod):

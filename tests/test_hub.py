@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import drama_xs
 from utils import UserError, enjoy, hub
 from utils.atari import make_env
+from utils.checkpoint import save_agent
 from utils.evaluate import evaluate, save_results
 from utils.hub import load_agent, push_to_hub
 
@@ -79,7 +80,7 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """An untrained tiny Pong agent saved with drama_xs.save_agent (non-trivial normaliser statistics)."""
+    """An untrained tiny Pong agent saved with utils.checkpoint.save_agent (non-trivial normaliser statistics)."""
     torch.manual_seed(0)
     args = drama_xs.Args(env_id="ALE/Pong-v5", **TINY)
     agent = drama_xs.Agent(args, 6)
@@ -88,7 +89,7 @@ def saved(tmp_path_factory):
             if buffer.is_floating_point():
                 buffer.uniform_(0.5, 2.0)  # the saved statistics must come back, not the initial values
     run_dir = tmp_path_factory.mktemp("saved") / "runs" / "ALE" / "Pong-v5__drama_xs__1__0"
-    drama_xs.save_agent(agent, args, str(run_dir))
+    save_agent(agent, args, str(run_dir), "drama_xs")
     return run_dir, {k: v.clone() for k, v in agent.state_dict().items()}
 
 
@@ -179,7 +180,7 @@ def test_load_every_variant(variant, tmp_path):
     module = importlib.import_module(variant)
     fields = {f.name for f in dataclasses.fields(module.Args)}
     args = module.Args(env_id="ALE/Pong-v5", **{k: v for k, v in TINY.items() if k in fields})
-    module.save_agent(module.Agent(args, 6), args, str(tmp_path))
+    save_agent(module.Agent(args, 6), args, str(tmp_path), variant)
     agent = load_agent(str(tmp_path), variant=variant)
     assert type(agent) is module.Agent and json.loads((tmp_path / "args.json").read_text())["variant"] == variant
     other = "drama_s" if variant == "drama_xs" else "drama_xs"

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 import drama_xs
 from utils import UserError
+from utils.checkpoint import load_optimizer_tensors, read_training_state, restore_rng, rng_tensors, save_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -64,14 +66,14 @@ def make_training(action_dim: int = 3, **overrides):
     return dict(
         args=args, agent=agent, buffer=buffer, rng=np.random.default_rng(0), wm_optimizer=wm_optimizer,
         wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler, global_step=10,
-        updates=0, update_budget=0.0, episode_start=False, recent_returns=[], action_history=[0] * 10,
-        run_name="test",
+        updates=0, update_budget=0.0, episode_start=False, recent_returns=deque(maxlen=5), action_history=[0] * 10,
+        window=agent.windows, run_name="test",
     )  # fmt: skip
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     training = make_training()
-    drama_xs.save_training_state(str(tmp_path), training)
+    save_training_state(str(tmp_path), training, "drama_xs")
     before = (tmp_path / "checkpoint.safetensors").read_bytes()
 
     def crash(tensors, filename, metadata):
@@ -81,27 +83,27 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr("safetensors.torch.save_file", crash)
     training["global_step"] = 20
     with pytest.raises(KeyboardInterrupt):
-        drama_xs.save_training_state(str(tmp_path), training)
+        save_training_state(str(tmp_path), training, "drama_xs")
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
-    _, progress = drama_xs.read_training_state(str(tmp_path))
+    _, progress = read_training_state(str(tmp_path), "drama_xs")
     assert progress["global_step"] == 10
 
 
 def test_bad_resume_paths_give_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
-        drama_xs.read_training_state(str(tmp_path))
+        read_training_state(str(tmp_path), "drama_xs")
     training = make_training()
-    drama_xs.save_training_state(str(tmp_path), training)
+    save_training_state(str(tmp_path), training, "drama_xs")
     path = tmp_path / "checkpoint.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UserError, match="corrupted or truncated") as error:
-        drama_xs.read_training_state(str(tmp_path))
+        read_training_state(str(tmp_path), "drama_xs")
     assert "\n" not in str(error.value)
 
 
 def test_resume_with_another_variant_is_refused(tmp_path):
     training = make_training()
-    drama_xs.save_training_state(str(tmp_path), training)
+    save_training_state(str(tmp_path), training, "drama_xs")
     result = subprocess.run(
         [sys.executable, str(ROOT / "drama_s.py"), "--resume", str(tmp_path)], capture_output=True, text=True
     )
@@ -114,8 +116,8 @@ def test_resume_with_another_variant_is_refused(tmp_path):
 def test_resume_takes_device_compile_and_threads_from_the_command_line(tmp_path):
     """A run saved with --device cuda --compile resumes on a CPU as the error message for it advises."""
     training = make_training(6, env_id="ALE/Pong-v5", device="cuda", compile=True, torch_threads=3, eval_episodes=0,
-                             checkpoint_every=0, save_model=False, sequence_length=16)  # fmt: skip
-    drama_xs.save_training_state(str(tmp_path), training)
+                             checkpoint_every=0, save_model=False, sequence_length=8, random_steps=12)  # fmt: skip
+    save_training_state(str(tmp_path), training, "drama_xs")
     resumed = train(tmp_path, "--resume", str(tmp_path), "--total-timesteps", "12", "--device", "cpu")
     assert "resuming test at step 10" in resumed.stdout and "run test on cpu" in resumed.stdout
     assert "step 12/12" in resumed.stdout
@@ -123,19 +125,19 @@ def test_resume_takes_device_compile_and_threads_from_the_command_line(tmp_path)
 
 def test_the_cuda_generator_is_saved_and_restored_only_on_cuda(tmp_path, monkeypatch):
     training = make_training()
-    drama_xs.save_training_state(str(tmp_path), training)
-    tensors, _ = drama_xs.read_training_state(str(tmp_path))
+    save_training_state(str(tmp_path), training, "drama_xs")
+    tensors, _ = read_training_state(str(tmp_path), "drama_xs")
     assert "torch_rng" in tensors and "cuda_rng" not in tensors  # a CPU run has no CUDA generator to save
     cuda_state, restored = torch.arange(4, dtype=torch.uint8), []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     cuda = torch.device("cuda")
-    saved = drama_xs.rng_tensors(cuda)
+    saved = rng_tensors(cuda)
     assert torch.equal(saved["cuda_rng"], cuda_state) and torch.equal(saved["torch_rng"], torch.get_rng_state())
-    drama_xs.restore_rng(saved, cuda)
+    restore_rng(saved, cuda)
     assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == cuda
-    drama_xs.restore_rng(tensors, cuda)  # a CPU checkpoint resumed on a GPU: nothing to set
-    drama_xs.restore_rng(saved, torch.device("cpu"))  # a GPU checkpoint resumed on a CPU: the CUDA state is skipped
+    restore_rng(tensors, cuda)  # a CPU checkpoint resumed on a GPU: nothing to set
+    restore_rng(saved, torch.device("cpu"))  # a GPU checkpoint resumed on a CPU: the CUDA state is skipped
     assert len(restored) == 1
 
 
@@ -144,7 +146,7 @@ def test_restored_optimizer_state_goes_to_the_parameters_device_but_step_stays_o
     param = torch.nn.Parameter(torch.zeros(3, device="meta"))  # stands for a parameter on a GPU
     optimizer = drama_xs.LaProp([param], lr=1e-3)
     tensors = {"opt.0.step": torch.tensor(5.0), "opt.0.exp_avg": torch.ones(3), "opt.0.exp_avg_sq": torch.ones(3)}
-    drama_xs.load_optimizer_tensors("opt", optimizer, tensors)
+    load_optimizer_tensors("opt", optimizer, tensors)
     state = optimizer.state[param]
     assert state["step"].device.type == "cpu" and state["step"].item() == 5
     assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
@@ -186,4 +188,4 @@ def test_resume_continues_in_its_folder_from_anywhere_and_keeps_its_total(tmp_pa
     ]:  # fmt: skip
         result = subprocess.run([sys.executable, str(ROOT / "drama_xs.py"), *flags], cwd=other, capture_output=True,
                                 text=True)  # fmt: skip
-        assert result.returncode == 1 and result.stderr.strip().splitlines() == [error]
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [error]

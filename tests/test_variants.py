@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # variant -> (top-level blocks of drama_xs.py its diff may touch, most changed lines allowed)
 ABLATIONS = {
-    "drama_s": ({"Args"}, 10),
-    "drama_uniform_sampling": ({"Args", "check_args", "ReplayBuffer", "softmax"}, 80),
+    "drama_s": ({"Args"}, 6),
+    "drama_uniform_sampling": ({"Args", "check_args", "ReplayBuffer", "softmax"}, 60),
     "drama_mamba1": (
         {"imports", "Args", "check_args", "segment_sum", "ssd_scan", "GatedRMSNorm", "Mamba2", "MambaBlock"},
-        400,
+        279,
     ),
 }
 

@@ -21,6 +21,21 @@ def game_of(env_id: str) -> str:
     return re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
 
 
+def resolve_device(name: str):
+    """`auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N` -> torch.device; one-line errors."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available: use --device cpu")
+    return device
+
+
 def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR on such a write end)."""
     try:

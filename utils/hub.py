@@ -1,6 +1,6 @@
 """Share DRAMA agents on the Hugging Face Hub and load them back (CleanRL `cleanrl_utils.huggingface` style).
 
-A saved agent is a folder (`runs/{run_name}`, written by `save_agent` of the drama_*.py scripts) holding
+A saved agent is a folder (`runs/{run_name}`, written by `utils.checkpoint.save_agent`) holding
 `agent.safetensors` (the `Agent` state dict; metadata: variant, action_dim, env_id) and `args.json` (every
 `Args` field plus "variant" and "action_dim"). `push_to_hub` uploads that folder with the variant's script,
 the TensorBoard events, the evaluation results, a video and a model card; `load_agent` rebuilds the agent
@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, metadata_eval_result
 
-from utils import UserError, game_of, run_cli
+from utils import UserError, game_of, resolve_device, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the drama_*.py scripts live here, next to utils/
 CHECKPOINT_FILES = ("agent.safetensors", "args.json")
@@ -456,20 +456,6 @@ def check_finite(state: dict, path: Path) -> None:
             raise UserError(f"{path} holds NaN or inf in {key}: the training diverged or the file is damaged")
 
 
-def _resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} was asked for but CUDA is not available: use --device cpu")
-    return device
-
-
 def load_agent(
     repo_id_or_path: str,
     device: str = "cpu",
@@ -491,7 +477,7 @@ def load_agent(
     `act(obs, episode_start, greedy)` and `args` (its Args).
     """
     folder, from_hub = _resolve(repo_id_or_path)  # first: a wrong path fails fast, before torch is imported
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     from safetensors import safe_open
     from safetensors.torch import load_file
 

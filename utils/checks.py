@@ -1,0 +1,70 @@
+"""The argument checks every drama_*.py script shares: ranges of the run's settings, by field name.
+
+Each failure is a one-line UserError `--flag-name ...: how to fix`. The checks about the model itself (head
+dimension, context length, encoder filters, DFS temperatures) stay in the scripts' `check_args`.
+"""
+
+import dataclasses
+import math
+import os
+import shutil
+
+from utils import UserError
+
+POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "sequence_length", "imagine_batch_size",
+            "imagine_context_length", "imagine_horizon", "d_model", "d_state", "d_conv", "expand", "n_layers",
+            "act_context_length", "stoch_categoricals", "stoch_classes", "warmup_updates", "log_every")  # fmt: skip
+NON_NEGATIVE = ("random_steps", "eval_episodes", "train_ratio", "checkpoint_every", "dream_every", "free_bits",
+                "dyn_loss_scale", "rep_loss_scale", "entropy_coef", "alpha", "beta", "torch_threads")  # fmt: skip
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_ranges(args) -> None:
+    """Finite numbers; positive sizes and learning rates; non-negative counts and weights; 0 < gamma <= 1,
+    0 <= lam <= 1, EMA decays in [0, 1); a buffer that holds a sequence, random steps that fill one, a run at
+    least as long as its random steps; an upload of a saved agent. Fields the Args lacks are skipped."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag(name)} must be a finite number, got {value}")
+    for name in (*POSITIVE, *(n for n in values if n.endswith("_lr") or n.endswith("_grad_clip"))):
+        if name in values and values[name] <= 0:
+            raise UserError(f"{flag(name)} must be positive, got {values[name]}: give a number > 0")
+    for name in NON_NEGATIVE:
+        if name in values and values[name] < 0:
+            raise UserError(f"{flag(name)} must be >= 0, got {values[name]}")
+    if "gamma" in values and not 0 < values["gamma"] <= 1:
+        raise UserError(f"--gamma must be in (0, 1], got {values['gamma']}: a discount such as 0.985")
+    if "lam" in values and not 0 <= values["lam"] <= 1:
+        raise UserError(f"--lam must be in [0, 1], got {values['lam']}: a lambda such as 0.95")
+    for name in (n for n in values if n.endswith("_decay")):
+        if not 0 <= values[name] < 1:
+            raise UserError(f"{flag(name)} must be in [0, 1), got {values[name]}: an EMA decay such as 0.99")
+    if args.upload_model and not args.save_model:
+        raise UserError("--upload-model needs the saved agent: drop --no-save-model")
+    if args.sequence_length > args.buffer_size:
+        raise UserError(f"--sequence-length {args.sequence_length} is longer than --buffer-size {args.buffer_size}")
+    if args.random_steps < args.sequence_length:
+        raise UserError(
+            f"--random-steps {args.random_steps} must be >= --sequence-length {args.sequence_length} "
+            "so that the first world-model batch exists"
+        )
+    if args.total_timesteps < args.random_steps:
+        raise UserError(
+            f"--total-timesteps {args.total_timesteps} is shorter than --random-steps {args.random_steps}: "
+            "the agent would never train; lower --random-steps or raise --total-timesteps"
+        )
+
+
+def check_compiler(device) -> None:
+    """--compile builds code at run time: inductor's C++ on a CPU, Triton's C launchers on CUDA."""
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
+    if device.type == "cuda" and not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        raise UserError(
+            "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, "
+            "or drop --compile"
+        )
