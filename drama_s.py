@@ -82,14 +82,15 @@ class Args:
     hf_entity: str = ""
     """the user or org name of the Hugging Face Hub model repository (default: your username)"""
     run_dir: str = ""
-    """the run folder of a new run: TensorBoard logs, checkpoints, the agent, results (default: runs/<run_name>)"""
+    """the run folder of a new run: TensorBoard logs, checkpoints, the agent, results (default: runs/<run_name>,
+    with a suffix __2, __3, ... when it exists); locked while the run trains"""
     resume: str = ""
     """continue the run saved in this folder, in this folder (wherever it is); its settings are reused, and so is
     its total unless `--total-timesteps` is given; `--device`, `--compile` and `--torch-threads` come from this
     command line"""
     checkpoint_every: int = 10_000
-    """write the full training state (for `--resume`) every this many env steps and at the end (0: never);
-    with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
+    """write the full training state (for `--resume`) every this many env steps and at the end (0: only when
+    stopped by Ctrl-C or SIGTERM); with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
 
     # Environment (Atari100k protocol)
     env_id: str = "ALE/Krull-v5"

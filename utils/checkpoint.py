@@ -1,5 +1,7 @@
 """Saving a run: the agent (`agent.safetensors` + `args.json`, read back by `utils.hub.load_agent`) and the full
-training state (`checkpoint.safetensors`, read back by `--resume`), each written atomically.
+training state (`checkpoint.safetensors`, read back by `--resume`), each written atomically with the sha256 of
+its tensors (`atomic_save`, `verify_checksum`); the run folder, unique and locked while a process trains in it
+(`run_folder`, `lock_run_folder`); the stop on Ctrl-C or SIGTERM at a step boundary (`StopOnSignal`).
 
 The training state is handed over as a dict name -> value and saved by the value's kind, so that every drama_*.py
 script shares this code and none changes when it does:
@@ -15,9 +17,9 @@ script shares this code and none changes when it does:
     dataclass             progress[name] (its fields; the run's Args)
     int, float, bool, str progress[name] (the loop's counters)
 
-with the metadata {"variant", "action_dim", "progress": JSON}, and torch's CPU generator ("torch_rng") and, on a GPU,
-the CUDA one ("cuda_rng"). `restore_training_state` puts the saved values back into the objects of the same dict
-and returns the plain values.
+with the metadata {"variant", "action_dim", "progress": JSON, "sha256"}, and torch's CPU generator ("torch_rng")
+and, on a GPU, the CUDA one ("cuda_rng"). `restore_training_state` puts the saved values back into the objects of
+the same dict and returns the plain values.
 """
 
 import atexit

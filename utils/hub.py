@@ -1,10 +1,11 @@
 """Share DRAMA agents on the Hugging Face Hub and load them back (CleanRL `cleanrl_utils.huggingface` style).
 
 A saved agent is a folder (`runs/{run_name}`, written by `utils.checkpoint.save_agent`) holding
-`agent.safetensors` (the `Agent` state dict; metadata: variant, action_dim, env_id) and `args.json` (every
-`Args` field plus "variant" and "action_dim"). `push_to_hub` uploads that folder with the variant's script,
-the TensorBoard events, the evaluation results, a video and a model card; `load_agent` rebuilds the agent
-from a folder or a Hub repo, checking every key and shape first (nanoGPT `from_pretrained` style).
+`agent.safetensors` (the `Agent` state dict; metadata: variant, action_dim, env_id, sha256 of the tensors) and
+`args.json` (every `Args` field plus "variant" and "action_dim"). `push_to_hub` uploads that folder with the
+variant's script, the TensorBoard events, the evaluation results, a video and a model card; `load_agent` rebuilds
+the agent from a folder or a Hub repo, checking every key and shape first (nanoGPT `from_pretrained` style) and
+the tensors against their checksum.
 
 Usage:
     agent = load_agent("runs/ALE/Pong-v5__drama_xs__1__1712345678")       # or "user/Pong-drama_xs-seed1"
