@@ -1020,10 +1020,10 @@ def main(args: Args) -> None:
     check_args(args)
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir, run_name = checkpoint.run_folder(args, run_name)  # unique and locked
     device = resolve_device(args.device)
     if args.compile:
         check_compiler(device)
+    run_dir, run_name = checkpoint.run_folder(args, run_name)  # unique and locked: made after every check
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)
