@@ -82,14 +82,15 @@ class Args:
     hf_entity: str = ""
     """the user or org name of the Hugging Face Hub model repository (default: your username)"""
     run_dir: str = ""
-    """the run folder of a new run: TensorBoard logs, checkpoints, the agent, results (default: runs/<run_name>)"""
+    """the run folder of a new run: TensorBoard logs, checkpoints, the agent, results (default: runs/<run_name>,
+    with a suffix __2, __3, ... when it exists); locked while the run trains"""
     resume: str = ""
     """continue the run saved in this folder, in this folder (wherever it is); its settings are reused, and so is
     its total unless `--total-timesteps` is given; `--device`, `--compile` and `--torch-threads` come from this
     command line"""
     checkpoint_every: int = 10_000
-    """write the full training state (for `--resume`) every this many env steps and at the end (0: never);
-    with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
+    """write the full training state (for `--resume`) every this many env steps and at the end (0: only when
+    stopped by Ctrl-C or SIGTERM); with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
 
     # Environment (Atari100k protocol)
     env_id: str = "ALE/Krull-v5"
@@ -1011,16 +1012,18 @@ def make_optimizer(parameters, lr: float, warmup: int):
 
 def main(args: Args) -> None:
     # TRY NOT TO MODIFY: resuming, run folder, seeding, device, logging
+    if args.resume:  # first: a second process on the folder stops here, naming the one that trains in it
+        checkpoint.lock_run_folder(args.resume)
     saved = checkpoint.read_training_state(args.resume, VARIANT) if args.resume else None
     if saved:  # every setting comes from the saved run, except how long to train (when given), where and how
         args = checkpoint.resume_args(args, saved[1])
     check_args(args)
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = checkpoint.run_folder(args, run_name)
     device = resolve_device(args.device)
     if args.compile:
         check_compiler(device)
+    run_dir, run_name = checkpoint.run_folder(args, run_name)  # unique and locked: made after every check
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)
@@ -1067,6 +1070,8 @@ def main(args: Args) -> None:
     else:
         obs, _ = env.reset(seed=args.seed)
     progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
+    step, checkpointed = first_step, first_step if saved else None  # env steps taken; of the last checkpoint
+    stop = checkpoint.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
     for global_step in range(first_step, args.total_timesteps):
         # ALGO LOGIC: collect (random actions before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
@@ -1102,17 +1107,26 @@ def main(args: Args) -> None:
                 if args.dream_every and updates % args.dream_every == 0:
                     log_dream(writer, agent, buffer, global_step, context_length=args.imagine_context_length)
 
-        # TRY NOT TO MODIFY: checkpoint and progress line
-        if args.checkpoint_every and (global_step + 1) % args.checkpoint_every == 0:
-            checkpoint.save_training_state(run_dir, loop_state(global_step + 1), VARIANT)
+        # TRY NOT TO MODIFY: checkpoint, progress line, stop
+        step = global_step + 1
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+            checkpointed = step
         progress.step(global_step, updates, recent_returns, writer)
+        if stop.signal:
+            break
     env.close()
 
-    # TRY NOT TO MODIFY: save, evaluate, upload
-    if args.checkpoint_every and args.total_timesteps % args.checkpoint_every:  # not saved at the last step yet
-        checkpoint.save_training_state(run_dir, loop_state(args.total_timesteps), VARIANT)
-    if args.save_model:
-        print(f"agent saved to {checkpoint.save_agent(agent, args, run_dir, VARIANT)}")
+    # TRY NOT TO MODIFY: save (a stopped run always saves its state), evaluate, upload
+    if (args.checkpoint_every or stop.signal) and checkpointed != step:
+        checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+    agent_path = checkpoint.save_agent(agent, args, run_dir, VARIANT) if args.save_model else None
+    stop.restore()  # from here on, Ctrl-C aborts at once: the run is saved
+    if agent_path:
+        print(f"agent saved to {agent_path}")
+    if stop.signal:
+        writer.close()
+        raise checkpoint.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
     if args.eval_episodes:
         from utils.evaluate import evaluate, save_results
 

@@ -16,6 +16,16 @@ class UserError(Exception):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on a signal (SIGINT, SIGTERM): `run_cli` prints its one-line message and exits with
+    128 + the signal's number (130, 143), as a shell reports a process a signal ended. A KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def game_of(env_id: str) -> str:
     """The game of an env id: ALE/Krull-v5, KrullNoFrameskip-v4 and Krull all give Krull."""
     return re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
@@ -78,7 +88,8 @@ def quiet_broken_pipe(command: Callable[[], object]) -> object:
 
 def run_cli(command: Callable[[], object]) -> int:
     """Run a command-line entry point: a UserError becomes one line on stderr and exit code 2, no traceback;
-    a closed stdout (`| head -1`) ends it quietly with exit code 141 (`quiet_broken_pipe`)."""
+    Ctrl-C (or an `Interrupted`) one line and exit code 130 (or its own); a closed stdout (`| head -1`) ends it
+    quietly with exit code 141 (`quiet_broken_pipe`)."""
 
     def run() -> int:
         try:
@@ -86,6 +97,9 @@ def run_cli(command: Callable[[], object]) -> int:
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as error:
+            print(str(error) or "interrupted (Ctrl-C)", file=sys.stderr)
+            return getattr(error, "exit_code", 130)
         return 0
 
     return quiet_broken_pipe(run)

@@ -1,5 +1,7 @@
 """Saving a run: the agent (`agent.safetensors` + `args.json`, read back by `utils.hub.load_agent`) and the full
-training state (`checkpoint.safetensors`, read back by `--resume`), each written atomically.
+training state (`checkpoint.safetensors`, read back by `--resume`), each written atomically with the sha256 of
+its tensors (`atomic_save`, `verify_checksum`); the run folder, unique and locked while a process trains in it
+(`run_folder`, `lock_run_folder`); the stop on Ctrl-C or SIGTERM at a step boundary (`StopOnSignal`).
 
 The training state is handed over as a dict name -> value and saved by the value's kind, so that every drama_*.py
 script shares this code and none changes when it does:
@@ -15,42 +17,132 @@ script shares this code and none changes when it does:
     dataclass             progress[name] (its fields; the run's Args)
     int, float, bool, str progress[name] (the loop's counters)
 
-with the metadata {"variant", "action_dim", "progress": JSON}, and torch's CPU generator ("torch_rng") and, on a GPU,
-the CUDA one ("cuda_rng"). `restore_training_state` puts the saved values back into the objects of the same dict
-and returns the plain values.
+with the metadata {"variant", "action_dim", "progress": JSON, "sha256"}, and torch's CPU generator ("torch_rng")
+and, on a GPU, the CUDA one ("cuda_rng"). `restore_training_state` puts the saved values back into the objects of
+the same dict and returns the plain values.
 """
 
+import atexit
+import contextlib
 import dataclasses
+import hashlib
+import itertools
 import json
 import os
+import shlex
+import shutil
+import signal
+import socket
 import sys
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import Interrupted, UserError
+from utils.checks import check_config
 
-CHECKPOINT = "checkpoint.safetensors"
+AGENT, CHECKPOINT = "agent.safetensors", "checkpoint.safetensors"
+CHECKSUM = "sha256"  # the metadata key of the tensors' checksum, in every safetensors file written here
+TEMPORARY = ".tmp"  # a file is written to path + TEMPORARY, then renamed
+LOCK = "run.lock"  # in a run folder while a process trains in it: "PID HOST"
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (about 1 s per GB on one core)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+_unverified: set[str] = set()  # files without a checksum this process already warned about
+
+
+def verify_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> None:
+    """Check the tensors read from the safetensors file `path` against the checksum saved in its metadata: a
+    mismatch is a one-line UserError naming the file; a file written before checksums existed gets one warning."""
+    if CHECKSUM not in metadata:
+        if str(path) not in _unverified:
+            _unverified.add(str(path))
+            print(f"warning: {path} has no checksum (written before checksums were added): its tensors are not "
+                  "verified; saving it again adds one", file=sys.stderr)  # fmt: skip
+        return
+    if tensor_checksum(tensors) != metadata[CHECKSUM]:
+        raise UserError(
+            f"{path} is corrupted: its tensors do not match the sha256 saved with them; restore it from a copy, "
+            "download it again or train anew"
+        )
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Remove the temporary files a killed save left in `folder` (a save of the full state leaves up to 1.3 GB)."""
+    for name in (AGENT, "args.json", CHECKPOINT):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name + TEMPORARY))
+
+
+def atomic_write(path: str, write: Callable[[str], None], size: int) -> None:
+    """`write(temporary)`, flush it to disk, then rename it to `path`: a crash mid-write leaves the old file intact.
+
+    The folder's stale temporary files go first (their space may be needed); the temporary file is removed on
+    every failure; a full disk or another OSError is a one-line UserError naming the path and the space needed
+    (`size`, the bytes to write)."""
+    from safetensors import SafetensorError
+
+    folder, temporary = os.path.dirname(path) or ".", path + TEMPORARY
+    try:
+        remove_stale_temporaries(folder)
+        write(temporary)
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        if not isinstance(error, (OSError, SafetensorError)):
+            raise
+        reason = " ".join(str(error).split())  # one line
+        try:
+            free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB are free there"
+        except OSError:
+            free = "the free space there is unknown"
+        kept = f"the previous {os.path.basename(path)} is untouched" if os.path.exists(path) else "nothing was written"
+        raise UserError(
+            f"could not write {path} ({reason}): it needs about {size / 1e6:,.1f} MB and {free}; {kept}; free some "
+            "space, then --resume from the last checkpoint written, if any"
+        ) from None
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file to `path.tmp`, then rename: a crash mid-write leaves the old file intact."""
+    """Write a safetensors file atomically (`atomic_write`), with the checksum of its tensors in its metadata."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {**metadata, CHECKSUM: tensor_checksum(tensors)}
+    size = sum(v.numel() * v.element_size() for v in tensors.values()) + len(json.dumps(metadata)) + 100 * len(tensors)
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata), size)
 
 
 def save_agent(agent: torch.nn.Module, args, run_dir: str, variant: str) -> str:
     """Write `agent.safetensors` (weights and normaliser statistics) and `args.json`, each atomically."""
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "agent.safetensors")
+    path = os.path.join(run_dir, AGENT)
     metadata = {"variant": variant, "action_dim": str(agent.action_dim), "env_id": args.env_id}
     atomic_save(agent.state_dict(), path, metadata)
-    with open(os.path.join(run_dir, "args.json.tmp"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "variant": variant, "action_dim": agent.action_dim}, f, indent=2)
-    os.replace(os.path.join(run_dir, "args.json.tmp"), os.path.join(run_dir, "args.json"))
+    config = json.dumps({**dataclasses.asdict(args), "variant": variant, "action_dim": agent.action_dim}, indent=2)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w") as f:
+            f.write(config)
+
+    atomic_write(os.path.join(run_dir, "args.json"), write, len(config))
     return path
 
 
@@ -136,9 +228,10 @@ def read_training_state(run_dir: str, variant: str) -> tuple[dict[str, torch.Ten
         )
     try:
         with safe_open(path, "pt") as f:
-            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as error:
         raise UserError(f"{path} is corrupted or truncated ({error}): resume from another run or start anew") from None
+    verify_checksum(tensors, metadata, path)
     if metadata.get("variant") != variant:
         raise UserError(f"{path} was written by {metadata.get('variant')}.py, not {variant}.py: resume it with that")
     progress = json.loads(metadata["progress"])
@@ -180,14 +273,16 @@ def restore_training_state(state: dict, tensors: dict[str, torch.Tensor], progre
 
 
 def resume_args(args, progress: dict):
-    """The saved run's Args, with what this command line decides: `--resume`, `--device`, `--compile`,
-    `--torch-threads`, and `--total-timesteps` when it is given (else the saved total)."""
+    """The saved run's Args (each field's type checked), with what this command line decides: `--resume`,
+    `--device`, `--compile`, `--torch-threads`, and `--total-timesteps` when it is given (else the saved total)."""
+    check_config(type(args), progress["args"], os.path.join(args.resume, CHECKPOINT))
     step, total = progress["global_step"], progress["args"]["total_timesteps"]
     total = args.total_timesteps if given_on_command_line("total_timesteps") else total
     if total < step:
         raise UserError(f"--total-timesteps {total} < step {step}, where {args.resume} stopped: give >= {step}")
     given = {k: getattr(args, k) for k in ("resume", "device", "compile", "torch_threads")}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in progress["args"].items()}  # JSON lists: tuples
+    fields = {f.name for f in dataclasses.fields(args)}  # a field this script no longer has is left out
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in progress["args"].items() if k in fields}
     return type(args)(**{**saved, **given, "total_timesteps": total, "run_dir": args.resume})
 
 
@@ -197,13 +292,115 @@ def given_on_command_line(field: str) -> bool:
     return any(arg.split("=")[0] in flags for arg in sys.argv[1:])
 
 
-def run_folder(args, run_name: str) -> str:
-    """Where the run's logs, checkpoints and agent go: the resumed folder, `--run-dir`, or runs/<run_name>."""
-    run_dir = args.resume or args.run_dir or os.path.join("runs", run_name)
-    taken = [f for f in ("args.json", CHECKPOINT) if os.path.exists(os.path.join(run_dir, f))]
-    if args.run_dir and not args.resume and taken:
-        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-dir")
-    return run_dir
+def run_folder(args, run_name: str) -> tuple[str, str]:
+    """Claim and lock the folder of the run's logs, checkpoints and agent; returns (folder, run name).
+
+    `--resume DIR`: DIR. `--run-dir DIR`: DIR, refused when it already holds a run. Otherwise runs/<run_name>, made
+    here; when it exists (two runs started in the same second) runs/<run_name>__2, __3, ..., and the run name
+    takes the suffix too (TensorBoard, videos). The folder stays locked while this process runs (`lock_run_folder`).
+    """
+    if args.resume:
+        lock_run_folder(args.resume)
+        return args.resume, run_name
+    if args.run_dir:
+        os.makedirs(args.run_dir, exist_ok=True)
+        lock_run_folder(args.run_dir)
+        if any(os.path.exists(os.path.join(args.run_dir, f)) for f in ("args.json", CHECKPOINT)):
+            raise UserError(f"{args.run_dir} already holds a run: continue it with --resume {args.run_dir} or pick "
+                            "another --run-dir")  # fmt: skip
+        return args.run_dir, run_name
+    os.makedirs(os.path.dirname(os.path.join("runs", run_name)), exist_ok=True)
+    for n in itertools.count(1):
+        name = run_name if n == 1 else f"{run_name}__{n}"
+        try:
+            os.mkdir(os.path.join("runs", name))  # atomic: of two runs making one folder, one gets FileExistsError
+        except FileExistsError:
+            continue
+        lock_run_folder(os.path.join("runs", name))
+        return os.path.join("runs", name), name
+    raise AssertionError("unreachable")
+
+
+_locks: dict[str, int] = {}  # run folder (real path) -> the file descriptor of its lock, held by this process
+
+
+def lock_run_folder(run_dir: str) -> None:
+    """Hold `run_dir/run.lock` until this process ends: an flock on it, and "PID HOST" in it for the message of a
+    second process on the folder (a new run with the same --run-dir, another --resume), which fails with one line.
+    The kernel drops the flock of a dead process, so the lock file a killed run left is taken over (with a note).
+    Holding it again is a no-op; without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = os.path.realpath(run_dir)
+    if key in _locks:
+        return
+    if not os.path.isdir(run_dir):
+        raise UserError(f"no run folder at {run_dir}: pass --resume runs/<run_name> of a run saved with "
+                        "--checkpoint-every")  # fmt: skip
+    path = os.path.join(run_dir, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, host = os.read(fd, 200).decode(errors="replace").strip().partition(" ")
+            os.close(fd)
+            raise UserError(
+                f"{run_dir} is in use by process {pid or '?'} on {host or 'this machine'} (it holds {path}): wait "
+                f"for it to end or stop it (kill {pid or 'PID'}), or use another folder"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)  # its holder removed the file between our open and flock: lock the new one
+    previous = os.read(fd, 200).decode(errors="replace").strip()
+    if previous:
+        print(f"took over {path} of process {previous}, which is no longer running", flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _locks[key] = fd
+    remove_stale_temporaries(run_dir)
+    atexit.register(_unlock, key, path)
+
+
+def _unlock(key: str, path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)  # while still holding it: a process that opened it meanwhile retries on the new file
+    os.close(_locks.pop(key))
+
+
+class StopOnSignal:
+    """From its creation until `restore()`, a first SIGINT (Ctrl-C) or SIGTERM only sets `.signal`: the training
+    loop stops at its next step boundary and saves. A second one aborts at once (`Interrupted`; the files being
+    written stay whole, see `atomic_write`). `restore()` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise Interrupted(f"{name} again: aborted at once, without saving (the last checkpoint stays)", signum)
+        self.signal = signum
+        os.write(2, f"\n{name}: stopping after this step to save the run (again: abort at once)\n".encode())
+
+
+def stopped(signum: int, step: int, total: int, run_dir: str, variant: str, agent_path: str | None) -> Interrupted:
+    """The exception ending a run stopped by `signum` after its state was saved: where it is and how to resume."""
+    agent = f", the agent in {agent_path}" if agent_path else ""
+    return Interrupted(
+        f"stopped by {signal.Signals(signum).name} at step {step}/{total}: the training state is in "
+        f"{os.path.join(run_dir, CHECKPOINT)}{agent}; continue with: python {variant}.py --resume "
+        f"{shlex.quote(run_dir)}",
+        signum,
+    )
 
 
 def replay_env(env, seed: int, actions: list[int]):

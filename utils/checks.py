@@ -5,9 +5,12 @@ dimension, context length, encoder filters, DFS temperatures) stay in the script
 """
 
 import dataclasses
+import json
 import math
 import os
 import shutil
+import types
+import typing
 
 from utils import UserError
 
@@ -18,6 +21,51 @@ NON_NEGATIVE = ("random_steps", "eval_episodes", "train_ratio", "checkpoint_ever
                 "dyn_loss_scale", "rep_loss_scale", "entropy_coef", "alpha", "beta", "torch_threads")  # fmt: skip
 
 
+SEED_MAX = 2**32 - 1 - 1000  # numpy takes seeds below 2**32; the evaluation plays with seed + 1000
+PLURALS = {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}
+
+
+def _expected_type(value, hint) -> str | None:
+    """None when a value read from JSON fits an Args field's type hint, else what the field needs, in words.
+
+    Handles the hints Args uses (bool, int, float, str, Literal, X | None, tuple[X, ...]); other hints pass."""
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is typing.Literal:
+        return None if value in params else f"one of {', '.join(json.dumps(p) for p in params)}"
+    if origin in (typing.Union, types.UnionType):
+        needs = [_expected_type(value, p) for p in params]
+        return None if None in needs else " or ".join(needs)
+    if origin is tuple and len(params) == 2 and params[1] is Ellipsis:
+        fits = isinstance(value, list) and all(_expected_type(v, params[0]) is None for v in value)
+        return None if fits else f"a list of {PLURALS.get(params[0], 'values')}"
+    if hint is type(None):
+        return None if value is None else "null"
+    return None
+
+
+def check_config(args_class, config: dict, path) -> None:
+    """Refuse an args.json whose fields do not fit `args_class` (the variant's Args): one line naming the field
+    and the file, before any model is built from it. Keys Args does not know are ignored (as `_build_args`)."""
+    hints = typing.get_type_hints(args_class)
+    for field in dataclasses.fields(args_class):
+        if field.name in config:
+            expected = _expected_type(config[field.name], hints.get(field.name, object))
+            if expected is not None:
+                raise UserError(
+                    f"{path}: {field.name!r} is {json.dumps(config[field.name])}, but {args_class.__name__}."
+                    f"{field.name} needs {expected}: fix it or re-save the agent"
+                )
+
+
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -25,7 +73,8 @@ def flag(field: str) -> str:
 def check_ranges(args) -> None:
     """Finite numbers; positive sizes and learning rates; non-negative counts and weights; 0 < gamma <= 1,
     0 <= lam <= 1, EMA decays in [0, 1); a buffer that holds a sequence, random steps that fill one, a run at
-    least as long as its random steps; an upload of a saved agent. Fields the Args lacks are skipped."""
+    least as long as its random steps; a seed numpy takes; an upload of a saved agent. Fields the Args lacks are
+    skipped."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
     for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -36,6 +85,8 @@ def check_ranges(args) -> None:
     for name in NON_NEGATIVE:
         if name in values and values[name] < 0:
             raise UserError(f"{flag(name)} must be >= 0, got {values[name]}")
+    if "seed" in values and not 0 <= values["seed"] <= SEED_MAX:
+        raise UserError(f"--seed must be in [0, {SEED_MAX}], got {values['seed']}: a seed such as 1")
     if "gamma" in values and not 0 < values["gamma"] <= 1:
         raise UserError(f"--gamma must be in (0, 1], got {values['gamma']}: a discount such as 0.985")
     if "lam" in values and not 0 <= values["lam"] <= 1:

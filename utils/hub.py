@@ -1,10 +1,11 @@
 """Share DRAMA agents on the Hugging Face Hub and load them back (CleanRL `cleanrl_utils.huggingface` style).
 
 A saved agent is a folder (`runs/{run_name}`, written by `utils.checkpoint.save_agent`) holding
-`agent.safetensors` (the `Agent` state dict; metadata: variant, action_dim, env_id) and `args.json` (every
-`Args` field plus "variant" and "action_dim"). `push_to_hub` uploads that folder with the variant's script,
-the TensorBoard events, the evaluation results, a video and a model card; `load_agent` rebuilds the agent
-from a folder or a Hub repo, checking every key and shape first (nanoGPT `from_pretrained` style).
+`agent.safetensors` (the `Agent` state dict; metadata: variant, action_dim, env_id, sha256 of the tensors) and
+`args.json` (every `Args` field plus "variant" and "action_dim"). `push_to_hub` uploads that folder with the
+variant's script, the TensorBoard events, the evaluation results, a video and a model card; `load_agent` rebuilds
+the agent from a folder or a Hub repo, checking every key and shape first (nanoGPT `from_pretrained` style) and
+the tensors against their checksum.
 
 Usage:
     agent = load_agent("runs/ALE/Pong-v5__drama_xs__1__1712345678")       # or "user/Pong-drama_xs-seed1"
@@ -21,10 +22,8 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import math
 import re
 import sys
-import types
 import typing
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, metadata_eval_result
 
 from utils import UserError, game_of, resolve_device, run_cli
+from utils.checks import check_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the drama_*.py scripts live here, next to utils/
 CHECKPOINT_FILES = ("agent.safetensors", "args.json")
@@ -379,50 +379,6 @@ def _build_args(module, config: dict):
     return module.Args(**kwargs)
 
 
-PLURALS = {bool: "booleans", int: "integers", float: "finite numbers", str: "strings"}
-
-
-def _expected_type(value, hint) -> str | None:
-    """None when a value read from JSON fits an Args field's type hint, else what the field needs, in words.
-
-    Handles the hints Args uses (bool, int, float, str, Literal, X | None, tuple[X, ...]); other hints pass."""
-    origin, params = typing.get_origin(hint), typing.get_args(hint)
-    if hint is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if hint is float:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if number and math.isfinite(value) else "a finite number"
-    if hint is str:
-        return None if isinstance(value, str) else "a string"
-    if origin is typing.Literal:
-        return None if value in params else f"one of {', '.join(json.dumps(p) for p in params)}"
-    if origin in (typing.Union, types.UnionType):
-        needs = [_expected_type(value, p) for p in params]
-        return None if None in needs else " or ".join(needs)
-    if origin is tuple and len(params) == 2 and params[1] is Ellipsis:
-        fits = isinstance(value, list) and all(_expected_type(v, params[0]) is None for v in value)
-        return None if fits else f"a list of {PLURALS.get(params[0], 'values')}"
-    if hint is type(None):
-        return None if value is None else "null"
-    return None
-
-
-def check_config(args_class, config, path: Path) -> None:
-    """Refuse an args.json whose fields do not fit `args_class` (the variant's Args): one line naming the field
-    and the file, before any model is built from it. Keys Args does not know are ignored (as `_build_args`)."""
-    hints = typing.get_type_hints(args_class)
-    for field in dataclasses.fields(args_class):
-        if field.name in config:
-            expected = _expected_type(config[field.name], hints.get(field.name, object))
-            if expected is not None:
-                raise UserError(
-                    f"{path}: {field.name!r} is {json.dumps(config[field.name])}, but {args_class.__name__}."
-                    f"{field.name} needs {expected}: fix it or re-save the agent"
-                )
-
-
 def check_ranges(module, args, path: Path) -> None:
     """The variant's own checks of its Args (`check_args`: positive sizes, headdim dividing expand * d_model, ...),
     with the file named: an args.json edited by hand must not build a broken model."""
@@ -480,6 +436,8 @@ def load_agent(
     torch_device = resolve_device(device)
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from utils.checkpoint import verify_checksum
 
     weights = folder / "agent.safetensors"
     corrupted = f"{weights} is corrupted or truncated: re-download or re-save it"
@@ -543,6 +501,7 @@ def load_agent(
         state = load_file(str(weights), device="cpu")
     except Exception:
         raise UserError(corrupted) from None
+    verify_checksum(state, metadata, weights)
     check_finite(state, weights)
     agent.load_state_dict(state)
     return agent.to(torch_device).eval()

@@ -53,8 +53,9 @@ def last_line(path: Path) -> str:
 class TrainingJob(submitit.helpers.Checkpointable):
     """One run of a training script in its own folder: starts it, or resumes it when it has a checkpoint.
 
-    On preemption or timeout submitit calls `checkpoint()`: it stops the script (whose last checkpoint is on disk)
-    and hands submitit this same job to requeue, which then resumes from that checkpoint.
+    On preemption or timeout submitit calls `checkpoint()`: it stops the script with SIGTERM (the script saves its
+    state at the end of its step; if it is killed after 60 s, its last checkpoint is on disk) and hands submitit
+    this same job to requeue, which then resumes from that checkpoint.
     """
 
     def __init__(self, script: str, env_id: str, seed: int, flags: list[str], run_dir: str):
@@ -112,7 +113,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         if self._process is not None and self._process.poll() is None:
-            self._process.terminate()  # the run resumes from its last --checkpoint-every checkpoint
+            self._process.terminate()  # the script saves its state at the end of its step
             try:
                 self._process.wait(timeout=60)
             except subprocess.TimeoutExpired:
