@@ -87,7 +87,7 @@ def test_agent_learns_catch(tmp_path):
     from utils.catch import OPTIMAL_RETURN, RANDOM_RETURN
 
     script = Path(__file__).resolve().parents[1] / "drama_xs.py"
-    subprocess.run([sys.executable, str(script), *CATCH_FLAGS], cwd=tmp_path, check=True, timeout=1800)
+    subprocess.run([sys.executable, str(script), *CATCH_FLAGS], cwd=tmp_path, check=True, timeout=3600)
     (results_path,) = tmp_path.glob("runs/drama/Catch-v0__drama_xs__1__*/eval_results.json")
     results = json.loads(results_path.read_text())
     bar = RANDOM_RETURN + 0.6 * (OPTIMAL_RETURN - RANDOM_RETURN)
