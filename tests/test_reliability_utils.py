@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 import drama_xs
 from utils import SIGPIPE_EXIT_CODE, UserError, quiet_broken_pipe
 from utils import evaluate as ev
+from utils.checkpoint import save_agent
 from utils.hub import load_agent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,11 +187,11 @@ def test_performance_profile_falls_from_one_to_zero_for_negative_scores():
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pong_run(tmp_path_factory):
-    """A tiny untrained Pong agent saved by drama_xs.save_agent."""
+    """A tiny untrained Pong agent saved by utils.checkpoint.save_agent."""
     torch.manual_seed(0)
     args = drama_xs.Args(env_id="ALE/Pong-v5", **TINY)
     run_dir = tmp_path_factory.mktemp("pong") / "runs" / "ALE" / "Pong-v5__drama_xs__1__0"
-    drama_xs.save_agent(drama_xs.Agent(args, 6), args, str(run_dir))
+    save_agent(drama_xs.Agent(args, 6), args, str(run_dir), "drama_xs")
     return run_dir
 
 
