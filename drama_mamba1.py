@@ -424,7 +424,7 @@ class Mamba1(nn.Module):
         conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)  # (B, E, K)  newest last
         x = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, E)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
-        delta = F.softplus(self.dt_proj(dt).float())  # (B, E), fp32 under bf16 autocast as in forward
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias)  # (B, E) as in forward: fp32 bias
         A = -torch.exp(self.A_log)  # (E, N)
         y, ssm_state = selective_scan_step(ssm_state, x, delta, A, B, C, self.D)  # (B, E), (B, E, N)
         return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, D)

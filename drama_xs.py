@@ -407,7 +407,7 @@ class Mamba2(nn.Module):
         x, B, C = xBC.transpose(1, 2).split([self.d_inner, self.d_state, self.d_state], dim=-1)
         x = x.reshape(batch, length, self.nheads, self.headdim)  # (B, L, H, P)
         dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
-        A = -torch.exp(self.A_log.float())  # (H,)
+        A = -torch.exp(self.A_log.to(torch.promote_types(dt.dtype, torch.float32)))  # (H,) at least fp32
         if u.is_cuda and mamba_chunk_scan_combined is not None:
             y, ssm_state = mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
                                                      initial_states=initial_state, return_final_states=True)
@@ -427,7 +427,7 @@ class Mamba2(nn.Module):
         x, B, C = xBC.split([self.d_inner, self.d_state, self.d_state], dim=-1)
         x = x.view(-1, self.nheads, self.headdim)  # (B, H, P)
         dt = F.softplus(dt + self.dt_bias)  # (B, H)
-        decay = torch.exp(dt * -torch.exp(self.A_log.float()))  # (B, H)
+        decay = torch.exp(dt * -torch.exp(self.A_log.to(torch.promote_types(dt.dtype, torch.float32))))  # (B, H)
         ssm_state = (ssm_state * decay[..., None, None]).addcmul_((dt[..., None] * x)[..., None], B[:, None, None, :])
         y = (ssm_state @ C[:, None, :, None]).squeeze(-1) + x * self.D[:, None]  # (B, H, P)
         return self.out_proj(self.norm(y.reshape(-1, self.d_inner), z)), (conv_state, ssm_state)

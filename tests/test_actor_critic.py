@@ -55,7 +55,8 @@ def by_hand(mod, ac, features, actions, rewards, continuations):
         values = ac.value(features)  # (B, H+1)
         returns = mod.lambda_returns(rewards, continuations, values, args.gamma, args.lam)  # (B, H)
         slow_returns = mod.lambda_returns(rewards, continuations, ac.value(features, slow=True), args.gamma, args.lam)
-        low, high = torch.quantile(returns.flatten(), torch.tensor([0.05, 0.95]))
+        # nearest rank, as the published code: the int(q * N)-th smallest of N = 48, so the 2nd and the 45th
+        low, high = returns.flatten().sort().values[[int(0.05 * BATCH * HORIZON) - 1, int(0.95 * BATCH * HORIZON) - 1]]
         decay = args.return_norm_decay
         low_ema = decay * ac.return_low + (1 - decay) * low
         high_ema = decay * ac.return_high + (1 - decay) * high

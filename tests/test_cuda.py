@@ -232,7 +232,7 @@ def test_one_full_update_dream_save_load_and_resume_on_cuda(tmp_path):
     assert torch.equal(torch.rand(8, device=CUDA), expected)
     for optimizer in (restored["wm_optimizer"], restored["ac_optimizer"]):
         for state in optimizer.state.values():
-            assert state["step"].device.type == "cpu" and state["exp_avg"].is_cuda  # as torch.optim keeps them
+            assert state["step"].device.type == state["lr_avg"].device.type == "cpu" and state["exp_avg"].is_cuda
 
 
 @needs_cuda

@@ -178,6 +178,22 @@ def test_mixer_forward_equals_step_by_step(mod):
     assert all(s.abs().max() > 0 for s in state)
 
 
+def test_float64_mixer_computes_in_float64(mod):
+    """At least fp32 (bf16 autocast -> fp32) must not mean fp32: a float64 mixer stays float64 in forward and step."""
+    mixer = mixer_f64(mod)
+    u = randn(2, 5, 32, seed=7)
+    _, carried = mixer(u[:, :4])  # a non-zero state for `step` to decay
+    runs = []
+    for scale in (1.0, 1 + 1e-10):  # a change of A far below fp32's resolution (6e-8)
+        with torch.no_grad():
+            mixer.A_log.mul_(scale)
+        y, state = mixer(u)
+        y_step, step_state = mixer.step(u[:, 4], carried)
+        assert {t.dtype for t in (y, *state, y_step, *step_state)} == {F64}
+        runs.append((y, y_step))
+    assert not torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][1], runs[1][1])
+
+
 @pytest.mark.parametrize("split", [1, 2, 3, 9, 16, 20])
 def test_mixer_chunked_continuation_from_carried_state(mod, split):
     mixer = mixer_f64(mod)

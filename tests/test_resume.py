@@ -141,14 +141,16 @@ def test_the_cuda_generator_is_saved_and_restored_only_on_cuda(tmp_path, monkeyp
     assert len(restored) == 1
 
 
-def test_restored_optimizer_state_goes_to_the_parameters_device_but_step_stays_on_the_cpu():
-    """As torch.optim keeps it: a `step` on the GPU would sync with the CPU once per parameter and update."""
+def test_restored_optimizer_state_goes_to_the_parameters_device_but_its_scalars_stay_on_the_cpu():
+    """As LaProp keeps them: a `step` or `lr_avg` on the GPU would sync with the CPU once per parameter and update."""
     param = torch.nn.Parameter(torch.zeros(3, device="meta"))  # stands for a parameter on a GPU
     optimizer = drama_xs.LaProp([param], lr=1e-3)
-    tensors = {"opt.0.step": torch.tensor(5.0), "opt.0.exp_avg": torch.ones(3), "opt.0.exp_avg_sq": torch.ones(3)}
+    tensors = {"opt.0.step": torch.tensor(5.0), "opt.0.lr_avg": torch.tensor(4e-4, dtype=torch.float64)}
+    tensors |= {"opt.0.exp_avg": torch.ones(3), "opt.0.exp_avg_sq": torch.ones(3)}
     load_optimizer_tensors("opt", optimizer, tensors)
     state = optimizer.state[param]
     assert state["step"].device.type == "cpu" and state["step"].item() == 5
+    assert state["lr_avg"].device.type == "cpu" and state["lr_avg"].item() == 4e-4
     assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
 
 

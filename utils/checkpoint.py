@@ -157,7 +157,8 @@ def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensor
         if key.startswith(prefix + "."):
             _, index, name = key.rsplit(".", 2)
             param = params[int(index)]
-            optimizer.state[param][name] = value if name == "step" else value.to(param.device)  # step: on the CPU
+            on_cpu = value.dim() == 0  # LaProp's scalars (step, lr_avg) stay CPU tensors: no sync per parameter
+            optimizer.state[param][name] = value if on_cpu else value.to(param.device)
 
 
 def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
