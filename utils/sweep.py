@@ -50,6 +50,9 @@ def last_line(path: Path) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
+RUNTIME_FLAGS = {"--device", "--compile", "--no-compile", "--torch-threads"}  # see `Args.resume` in the scripts
+
+
 class TrainingJob(submitit.helpers.Checkpointable):
     """One run of a training script in its own folder: starts it, or resumes it when it has a checkpoint.
 
@@ -65,9 +68,21 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def command(self) -> list[str]:
         run_dir = Path(self.run_dir)
         if (run_dir / "checkpoint.safetensors").exists():
-            return [sys.executable, str(ROOT / self.script), "--resume", self.run_dir]
+            return [sys.executable, str(ROOT / self.script), "--resume", self.run_dir, *self.runtime_flags()]
         flags = ["--env-id", self.env_id, "--seed", str(self.seed), *self.flags, "--run-dir", self.run_dir]
         return [sys.executable, str(ROOT / self.script), *flags]
+
+    def runtime_flags(self) -> list[str]:
+        """The flags a resumed run takes from its command line, not from its checkpoint (where and how it runs):
+        without them a run started with `--torch-threads 1` would resume on every core, and not bit for bit."""
+        kept, flags = [], iter(self.flags)
+        for flag in flags:
+            name = flag.split("=")[0]
+            if name in RUNTIME_FLAGS:
+                kept.append(flag)
+                if "=" not in flag and name not in ("--compile", "--no-compile"):
+                    kept.append(next(flags, ""))
+        return kept
 
     def report(self, state: str, **details) -> None:
         """Record the run's state for `status` (the job's own executor and id unless given)."""
