@@ -90,9 +90,7 @@ class Atari100kWrapper(gym.Wrapper):
         self._lives = 0
 
     def _obs(self) -> np.ndarray:
-        pooled = self._frames.max(axis=0)  # (210, 160, 3)
-        image = Image.fromarray(pooled).resize((self.size, self.size), Image.Resampling.BOX)
-        return np.asarray(image)  # (64, 64, 3) uint8
+        return resize_frame(self._frames.max(axis=0), self.size)  # (210, 160, 3) max-pooled -> (64, 64, 3) uint8
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         frame, info = self.env.reset(seed=seed, options=options)
@@ -182,21 +180,18 @@ def make_env(
 
     def thunk() -> gym.Env:
         record = capture_video and idx == 0
-        if not is_atari(env_id):
-            env = gym.wrappers.RecordEpisodeStatistics(make_pixel_env(env_id))
-            if record:
-                env = gym.wrappers.RecordVideo(env, video_dir or f"videos/{run_name}")
-            env.action_space.seed(seed)
-            return env
-        env = gym.make(
-            env_id,
-            frameskip=1,
-            repeat_action_probability=0.25 if sticky_actions else 0.0,
-            full_action_space=False,
-            max_num_frames_per_episode=max_episode_frames,
-            render_mode="rgb_array" if record else None,
-        )
-        env = Atari100kWrapper(env)
+        if is_atari(env_id):
+            env = gym.make(
+                env_id,
+                frameskip=1,
+                repeat_action_probability=0.25 if sticky_actions else 0.0,
+                full_action_space=False,
+                max_num_frames_per_episode=max_episode_frames,
+                render_mode="rgb_array" if record else None,
+            )
+            env = Atari100kWrapper(env)
+        else:
+            env = make_pixel_env(env_id)
         env = gym.wrappers.RecordEpisodeStatistics(env)
         if record:
             env = gym.wrappers.RecordVideo(env, video_dir or f"videos/{run_name}")
