@@ -7,10 +7,8 @@ import math
 import os
 import random
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -18,13 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from utils import UserError, checkpoint, resolve_device, run_cli
-from utils.atari import check_env_id, make_env
-from utils.checks import check_compiler, check_ranges
+from utils import UserError, checkpoint, run_cli
+from utils.atari import make_env
+from utils.checks import check_ranges
 from utils.dream import log_dream
-from utils.precision import autocast as precision_autocast
-from utils.precision import precision_of
+from utils.laprop import LaProp
 from utils.progress import ProgressLine, start_logging
+from utils.runs import RunOptions, start_run
 
 try:  # fused CUDA kernel for the SSD scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
     import mamba_ssm
@@ -47,50 +45,11 @@ def scan_backend(device: torch.device) -> str:
 
 
 @dataclass
-class Args:
+class Args(RunOptions):
     """XS agent: the paper's default 7M-parameter world model (Tables 2-3) with Mamba-2 and DFS."""
 
     exp_name: str = VARIANT
     """the name of this experiment (the script's name: run names and Hub repo ids tell variants apart)"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch and the environment)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """where to train: `auto` takes CUDA when available, else the CPU"""
-    torch_threads: int = 0
-    """CPU threads for torch (0: torch's default, one per physical core)"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """float format of the forward passes (bf16 autocast; weights, gradients and optimiser state stay fp32).
-    `auto`: bf16 on CUDA; on a CPU bf16 where `torch.cpu.get_capabilities()` reports native bf16 (avx512_bf16,
-    amx_bf16, Arm bf16: 2-3x faster updates), else fp32 (emulated bf16 is 7-14x slower). See utils/precision.py"""
-    compile: bool = False
-    """if toggled, `torch.compile` the imagination step (1.3x faster rollout on CPU after a one-time 5-20 s compile;
-    needs a C++ compiler on CPU, e.g. `apt-get install g++`)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "drama"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent's training episodes (check out `videos` folder)"""
-    save_model: bool = True
-    """whether to save the agent (safetensors + args JSON) to the run folder"""
-    upload_model: bool = False
-    """whether to upload the saved agent to the Hugging Face Hub (needs `--save-model`)"""
-    hf_entity: str = ""
-    """the user or org name of the Hugging Face Hub model repository (default: your username)"""
-    run_dir: str = ""
-    """the run folder of a new run: TensorBoard logs, checkpoints, the agent, results (default: runs/<run_name>,
-    with a suffix __2, __3, ... when it exists); locked while the run trains"""
-    resume: str = ""
-    """continue the run saved in this folder, in this folder (wherever it is); its settings are reused, and so is
-    its total unless `--total-timesteps` is given; `--device`, `--compile` and `--torch-threads` come from this
-    command line"""
-    checkpoint_every: int = 10_000
-    """write the full training state (for `--resume`) every this many env steps and at the end (0: only when
-    stopped by Ctrl-C or SIGTERM); with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
 
     # Environment (Atari100k protocol)
     env_id: str = "ALE/Krull-v5"
@@ -106,10 +65,6 @@ class Args:
     """world-model and actor-critic updates per environment step after `random_steps`"""
     buffer_size: int = 100_000
     """replay capacity in steps (uint8 frames: 100k steps take 1.2 GB)"""
-    eval_episodes: int = 100
-    """episodes of the final evaluation (the paper's protocol: 100; 0 skips it)"""
-    eval_greedy: bool = False
-    """evaluate with the actor's most likely action instead of a sampled one"""
     act_on_posterior: bool = False
     """act on the posterior of the newest frame (as DreamerV3) instead of the prior predicted before it
     (the published code, the default)"""
@@ -191,11 +146,6 @@ class Args:
     """EMA decay of the 5th/95th percentiles of the lambda-returns"""
     warmup_updates: int = 1000
     """linear learning-rate warm-up of both optimisers"""
-    log_every: int = 100
-    """log losses to TensorBoard every this many updates"""
-    dream_every: int = 5000
-    """log a dream to TensorBoard (real | reconstructed | imagined video, imagination errors) every this many
-    updates (0: never)"""
 
 
 def check_args(args: Args) -> None:
@@ -206,12 +156,11 @@ def check_args(args: Args) -> None:
                         f"{args.sequence_length}: lower it or raise --sequence-length")
     if args.tau <= 0 or args.tau_img <= 0:
         raise UserError(f"the DFS temperatures --tau {args.tau} and --tau-img {args.tau_img} must be positive")
-    if args.headdim <= 0 or args.chunk_size <= 0 or (args.expand * args.d_model) % args.headdim:
-        raise UserError(f"--headdim {args.headdim} must be positive and divide expand * d_model = "
-                        f"{args.expand * args.d_model}, and --chunk-size {args.chunk_size} must be positive")
+    d_inner = args.expand * args.d_model  # headdim and chunk_size are positive (check_ranges)
+    if d_inner % args.headdim:
+        raise UserError(f"--headdim {args.headdim} must be positive and divide expand * d_model = {d_inner}")
     if len(args.encoder_filters) < 2 or 64 % 2 ** (len(args.encoder_filters) - 1) or min(args.encoder_filters) <= 0:
-        raise UserError("--encoder-filters needs 2 to 7 positive layer widths (the first keeps 64x64, each next "
-                        "halves it)")
+        raise UserError("--encoder-filters needs 2 to 7 positive widths (the first keeps 64x64, each next halves it)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -750,41 +699,6 @@ def lambda_returns(rewards, continuations, values, gamma: float, lam: float) -> 
     return torch.stack(returns[::-1], dim=1)
 
 
-class LaProp(torch.optim.Optimizer):
-    """LaProp (Ziyin et al., 2020): Adam whose momentum averages gradients already divided by sqrt(v).
-
-    As the published optimiser (and LaProp's reference code), the momentum averages lr_s * g_s / sqrt(v_s), and
-    its bias correction is the same average of the learning rates lr_s: the update is lr_t times the
-    lr-weighted mean of the normalised gradients. At a constant lr this is Adam's bias correction; during the
-    warm-up it weights the newer gradients, taken at larger learning rates, more. A zero lr does not move the
-    parameters (the published code then steps by the whole momentum; the warm-up never gets there).
-    """
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-20):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros(())
-                    state["lr_avg"] = torch.zeros((), dtype=torch.float64)  # sum_s (1 - beta1) beta1^(t-s) lr_s
-                    state["exp_avg"] = torch.zeros_like(p)  # the same average of lr_s * g_s / sqrt(v_s)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                step, lr = state["step"].item(), group["lr"]
-                lr_avg = state["lr_avg"].mul_(beta1).add_((1 - beta1) * lr).item()
-                exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
-                exp_avg = state["exp_avg"].mul_(beta1).add_(p.grad / denominator, alpha=(1 - beta1) * lr)
-                p.add_(exp_avg, alpha=-lr / lr_avg if lr_avg > 0 else 0.0)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The agent: world model + actor-critic, acting in real environments (one object for training and evaluation)
 # ----------------------------------------------------------------------------------------------------------
@@ -1005,41 +919,26 @@ def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, a
 
 
 def make_optimizer(parameters, lr: float, warmup: int):
+    """LaProp (utils/laprop.py: DreamerV3's optimiser, as published) with a linear learning-rate warm-up."""
     optimizer = LaProp([p for p in parameters if p.requires_grad], lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: min(1.0, (update + 1) / warmup))
     return optimizer, scheduler
 
 
 def main(args: Args) -> None:
-    # TRY NOT TO MODIFY: resuming, run folder, seeding, device, logging
-    if args.resume:  # first: a second process on the folder stops here, naming the one that trains in it
-        checkpoint.lock_run_folder(args.resume)
-    saved = checkpoint.read_training_state(args.resume, VARIANT) if args.resume else None
-    if saved:  # every setting comes from the saved run, except how long to train (when given), where and how
-        args = checkpoint.resume_args(args, saved[1])
+    # TRY NOT TO MODIFY: resuming, checks, run folder, device, precision, seeding, logging
+    args, saved = checkpoint.resume(args, VARIANT)  # --resume: the saved run's settings and training state
     check_args(args)
-    check_env_id(args.env_id)
-    run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    device = resolve_device(args.device)
-    if args.compile:
-        check_compiler(device)
-    run_dir, run_name = checkpoint.run_folder(args, run_name)  # unique and locked: made after every check
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    run_name, run_dir, device, autocast = start_run(args, saved)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    precision, why = precision_of(args.precision, device)
-    autocast = precision_autocast(device, precision)
-    print(f"precision {precision} ({why})", flush=True)
     writer = start_logging(args, run_name, run_dir, purge_step=saved[1]["global_step"] if saved else None)
 
     # TRY NOT TO MODIFY: env setup
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
     action_dim = int(env.action_space.n)
-    if saved and saved[1]["action_dim"] != action_dim:
-        raise UserError(f"{args.resume} has {saved[1]['action_dim']} actions but {args.env_id} has {action_dim}")
 
     # ALGO LOGIC: the agent (world model + actor-critic), its two optimisers and the replay buffer
     agent = Agent(args, action_dim).to(device)
@@ -1061,12 +960,8 @@ def main(args: Args) -> None:
                     updates=updates, update_budget=update_budget, episode_start=episode_start, run_name=run_name,
                     args=args)  # fmt: skip
 
-    if saved:
-        restored = checkpoint.restore_training_state(loop_state(0), *saved)
-        first_step, updates, update_budget, episode_start = (
-            restored[k] for k in ("global_step", "updates", "update_budget", "episode_start"))  # fmt: skip
-        print(f"resuming {run_name} at step {first_step}: replaying the env", flush=True)
-        obs = checkpoint.replay_env(env, args.seed, action_history)
+    if saved:  # the loop's objects get their saved state back, the env replays the saved actions
+        first_step, updates, update_budget, episode_start, obs = checkpoint.resume_loop(loop_state(0), saved, env)
     else:
         obs, _ = env.reset(seed=args.seed)
     progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
@@ -1122,23 +1017,13 @@ def main(args: Args) -> None:
         checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
     agent_path = checkpoint.save_agent(agent, args, run_dir, VARIANT) if args.save_model else None
     stop.restore()  # from here on, Ctrl-C aborts at once: the run is saved
-    if agent_path:
-        print(f"agent saved to {agent_path}")
     if stop.signal:
         writer.close()
         raise checkpoint.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
     if args.eval_episodes:
-        from utils.evaluate import evaluate, save_results
+        from utils.evaluate import final_evaluation
 
-        results = evaluate(agent, args.env_id, episodes=args.eval_episodes, seed=args.seed + 1000,
-                           greedy=args.eval_greedy, sticky_actions=args.sticky_actions)  # fmt: skip
-        results |= {"exp_name": args.exp_name, "seed": args.seed}
-        save_results(results, os.path.join(run_dir, "eval_results.json"))
-        for i, episodic_return in enumerate(results["returns"]):
-            writer.add_scalar("eval/episodic_return", episodic_return, i)
-        hns = "n/a (not an Atari100k game)" if results["hns"] is None else f"{results['hns']:.3f}"
-        print(f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, human-normalised "
-              f"{hns}")
+        final_evaluation(agent, args, run_dir, writer)
     writer.close()  # flush every event before the upload
     if args.upload_model:
         from utils.hub import push_to_hub

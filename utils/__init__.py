@@ -1,5 +1,6 @@
 """Shared helpers for the DRAMA scripts: Atari wrappers, evaluation, Hub push/pull, playing agents."""
 
+import argparse
 import os
 import re
 import select
@@ -29,6 +30,12 @@ class Interrupted(KeyboardInterrupt):
 def game_of(env_id: str) -> str:
     """The game of an env id: ALE/Krull-v5, KrullNoFrameskip-v4 and Krull all give Krull."""
     return re.sub(r"^ALE/|(NoFrameskip|Deterministic)?(-ram)?-v\d+$", "", env_id)
+
+
+def command_parser(prog: str, description: str):
+    """The parser of `python -m {prog} COMMAND ...` and the group its commands are added to."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
 
 def resolve_device(name: str):

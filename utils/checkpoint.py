@@ -143,6 +143,7 @@ def save_agent(agent: torch.nn.Module, args, run_dir: str, variant: str) -> str:
             f.write(config)
 
     atomic_write(os.path.join(run_dir, "args.json"), write, len(config))
+    print(f"agent saved to {path}")
     return path
 
 
@@ -287,6 +288,17 @@ def resume_args(args, progress: dict):
     return type(args)(**{**saved, **given, "total_timesteps": total, "run_dir": args.resume})
 
 
+def resume(args, variant: str):
+    """`--resume FOLDER`: lock the folder (first: a second process on it stops here, naming the one that trains in
+    it), read its training state and take the saved run's settings (`resume_args`). Returns (args, saved), where
+    saved is (tensors, progress) for `restore_training_state`, or None for a new run."""
+    if not args.resume:
+        return args, None
+    lock_run_folder(args.resume)
+    saved = read_training_state(args.resume, variant)
+    return resume_args(args, saved[1]), saved
+
+
 def given_on_command_line(field: str) -> bool:
     """Whether the flag of this Args field is on the command line (tyro takes `--a-b`, `--a_b` and `--a-b=1`)."""
     flags = {"--" + field, "--" + field.replace("_", "-")}
@@ -391,6 +403,20 @@ class StopOnSignal:
             raise Interrupted(f"{name} again: aborted at once, without saving (the last checkpoint stays)", signum)
         self.signal = signum
         os.write(2, f"\n{name}: stopping after this step to save the run (again: abort at once)\n".encode())
+
+
+def resume_loop(state: dict, saved, env) -> tuple:
+    """Continue a resumed run where it stopped: refuse an env with another action space, put the saved values back
+    into the objects of the training loop's `state` (`restore_training_state`) and bring the env to where the run
+    left it (`replay_env`). Returns (global_step, updates, update_budget, episode_start, obs)."""
+    tensors, progress = saved
+    agent, args = state["agent"], state["args"]
+    if progress["action_dim"] != agent.action_dim:
+        raise UserError(f"{args.resume} has {progress['action_dim']} actions but {args.env_id} has {agent.action_dim}")
+    plain = restore_training_state(state, tensors, progress)
+    print(f"resuming {state['run_name']} at step {plain['global_step']}: replaying the env", flush=True)
+    obs = replay_env(env, args.seed, state["action_history"])
+    return plain["global_step"], plain["updates"], plain["update_budget"], plain["episode_start"], obs
 
 
 def stopped(signum: int, step: int, total: int, run_dir: str, variant: str, agent_path: str | None) -> Interrupted:

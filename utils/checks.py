@@ -16,7 +16,8 @@ from utils import UserError
 
 POSITIVE = ("total_timesteps", "buffer_size", "batch_size", "sequence_length", "imagine_batch_size",
             "imagine_context_length", "imagine_horizon", "d_model", "d_state", "d_conv", "expand", "n_layers",
-            "act_context_length", "stoch_categoricals", "stoch_classes", "warmup_updates", "log_every")  # fmt: skip
+            "act_context_length", "stoch_categoricals", "stoch_classes", "warmup_updates", "log_every", "headdim",
+            "chunk_size")  # fmt: skip
 NON_NEGATIVE = ("random_steps", "eval_episodes", "train_ratio", "checkpoint_every", "dream_every", "free_bits",
                 "dyn_loss_scale", "rep_loss_scale", "entropy_coef", "alpha", "beta", "torch_threads")  # fmt: skip
 

@@ -20,7 +20,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from utils import UserError, game_of, run_cli
+from utils import UserError, command_parser, game_of, run_cli
 from utils.atari import is_atari, make_env
 
 TABLE1_CSV = Path(__file__).with_name("atari100k_scores.csv")
@@ -267,6 +266,19 @@ def save_results(results: dict, path: str | os.PathLike, exp_name: str | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def final_evaluation(agent, args, run_dir: str, writer) -> dict:
+    """A training run's final evaluation: `--eval-episodes` episodes from seed + 1000, the results to
+    run_dir/eval_results.json, the returns to TensorBoard (`eval/episodic_return`), one line printed."""
+    results = evaluate(agent, args.env_id, episodes=args.eval_episodes, seed=args.seed + 1000,
+                       greedy=args.eval_greedy, sticky_actions=args.sticky_actions)  # fmt: skip
+    save_results(results, os.path.join(run_dir, "eval_results.json"), args.exp_name, args.seed)
+    for i, episodic_return in enumerate(results["returns"]):
+        writer.add_scalar("eval/episodic_return", episodic_return, i)
+    hns = "n/a (not an Atari100k game)" if results["hns"] is None else f"{results['hns']:.3f}"
+    print(f"evaluation over {args.eval_episodes} episodes: mean return {results['mean']:.1f}, human-normalised {hns}")
+    return results
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,11 +558,9 @@ def run_aggregate(patterns: list[str], out: str, reps: int = 2000, seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.evaluate",
-        description="Aggregate Atari100k evaluation results over games and seeds (rliable protocol).",
+    parser, commands = command_parser(
+        "python -m utils.evaluate", "Aggregate Atari100k evaluation results over games and seeds (rliable protocol)."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
     agg = commands.add_parser(
         "aggregate",
         help="mean/median/IQM/optimality gap of human-normalised scores with 95%% bootstrap CIs",

@@ -17,7 +17,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -31,7 +30,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, metadata_eval_result
 
-from utils import UserError, game_of, resolve_device, run_cli
+from utils import UserError, command_parser, game_of, resolve_device, run_cli
 from utils.checks import check_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the drama_*.py scripts live here, next to utils/
@@ -511,8 +510,7 @@ def load_agent(
 # CLI: python -m utils.hub push RUN_DIR (upload a run saved earlier, e.g. after a failed --upload-model)
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.hub", description="Upload a saved DRAMA run to the Hub.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser, commands = command_parser("python -m utils.hub", "Upload a saved DRAMA run to the Hub.")
     push = commands.add_parser(
         "push",
         help="upload runs/{run_name} (agent, args, script, results, events, video, model card) in one commit",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import submitit
 
-from utils import UserError, game_of, run_cli
+from utils import UserError, command_parser, game_of, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("drama_xs.py", "drama_s.py", "drama_mamba1.py", "drama_uniform_sampling.py")
@@ -357,11 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "utils.sweep", *argv])
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.sweep",
-        description="Train scripts x games x seeds with submitit (Slurm or this machine), resuming exactly.",
+    parser, commands = command_parser(
+        "python -m utils.sweep", "Train scripts x games x seeds with submitit (Slurm or this machine), resuming exactly"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
     go = commands.add_parser(
         "run",
         help="submit (slurm) or run (local) every run of the sweep that has not finished",
