@@ -95,3 +95,34 @@ def test_agent_learns_catch(tmp_path):
     results = json.loads(results_path.read_text())
     bar = RANDOM_RETURN + 0.6 * (OPTIMAL_RETURN - RANDOM_RETURN)
     assert results["episodes"] == 100 and results["mean"] > bar, (results["mean"], bar)
+
+
+def test_diagnose_run_reports_the_heads_on_the_checkpointed_buffer(tmp_path):
+    """benchmarks/diagnose_run.py on a tiny Catch run: the share of rewarded and terminal steps it reports is the
+    checkpointed buffer's own (Catch: one +-1 reward and one termination per 15-step episode), and the entropy's
+    maximum is ln(3)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    flags = ("--env-id drama/Catch-v0 --total-timesteps 300 --random-steps 290 --batch-size 2 --sequence-length 16 "
+             "--imagine-batch-size 8 --imagine-context-length 4 --imagine-horizon 4 --eval-episodes 0 --d-model 64 "
+             "--headdim 32 --encoder-filters 4 8 8 8 8 --stoch-categoricals 8 --stoch-classes 8 --log-every 1 "
+             "--torch-threads 1 --checkpoint-every 300 --no-save-model --run-dir run").split()  # fmt: skip
+    subprocess.run([sys.executable, str(root / "drama_xs.py"), *flags], cwd=tmp_path, check=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, root / "benchmarks" / "diagnose_run.py", "run", "--steps", "240", "--window-length", "16"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    buffer = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    rewards, terminations = buffer["buffer.rewards"][-240:], buffer["buffer.terminations"][-240:]
+    assert set(rewards[rewards != 0]) <= {-1.0, 1.0} and (rewards != 0).sum() == terminations.sum() == 16
+    out = result.stdout
+    assert "checkpoint at step 300 (240 of the buffer's last steps)" in out
+    assert f"reward head: {(rewards != 0).mean():.1%} of the steps have a reward" in out
+    assert f"termination head: {terminations.mean():.2%} terminal steps" in out
+    assert "maximum ln(3) = 1.099" in out
