@@ -20,6 +20,7 @@ from utils import UserError, checkpoint, run_cli
 from utils.atari import make_env
 from utils.checks import check_ranges
 from utils.dream import log_dream
+from utils.evaluate import final_evaluation
 from utils.laprop import LaProp
 from utils.progress import ProgressLine, start_logging
 from utils.runs import RunOptions, start_run
@@ -1021,8 +1022,6 @@ def main(args: Args) -> None:
         writer.close()
         raise checkpoint.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
     if args.eval_episodes:
-        from utils.evaluate import final_evaluation
-
         final_evaluation(agent, args, run_dir, writer)
     writer.close()  # flush every event before the upload
     if args.upload_model:
