@@ -13,7 +13,6 @@ buffer: run with `--checkpoint-every`) and its TensorBoard logs.
 """
 
 import argparse
-import dataclasses
 import importlib
 import json
 import os
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.checkpoint import CHECKPOINT  # noqa: E402
+from utils.hub import _build_args  # noqa: E402
 
 
 def scalars(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +47,7 @@ def checkpoint_of(run: Path):
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     progress = json.loads(metadata["progress"])
     module = importlib.import_module(metadata["variant"])
-    fields = {field.name for field in dataclasses.fields(module.Args)}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in progress["args"].items() if k in fields}
-    agent = module.Agent(module.Args(**saved), int(metadata["action_dim"]))
+    agent = module.Agent(_build_args(module, progress["args"]), int(metadata["action_dim"]))
     agent.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("agent.")})
     buffer = {k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")}
     if progress["buffer"]["size"] == len(buffer["actions"]) and progress["buffer"]["next"] != 0:  # a full ring
@@ -77,12 +75,13 @@ def head_predictions(agent, buffer: dict[str, np.ndarray], steps: int, length: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a run folder with agent.safetensors, checkpoint.safetensors, events")
+    parser.add_argument("run", type=Path, help="a run folder with checkpoint.safetensors and TensorBoard events")
     parser.add_argument("--steps", type=int, default=4096, help="the buffer's last steps to predict (default 4096)")
     parser.add_argument("--window-length", type=int, default=64, help="real steps per window (default 64)")
     parser.add_argument("--episodes", type=int, default=5, help="last training episodes for the real reward rate")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    torch.manual_seed(0)  # the latent samples: the same numbers on every call
 
     agent, buffer, global_step = checkpoint_of(args.run)
     predicted_reward, predicted_termination, reward, termination = head_predictions(
