@@ -719,33 +719,96 @@ class Agent(nn.Module):
         self.reset(1)
 
     def reset(self, num_envs: int) -> None:
-        self.windows = [deque(maxlen=self.args.act_context_length) for _ in range(num_envs)]
+        """Empty acting windows for `num_envs` envs: window_z (N, W, 1024) and window_actions (N, W) on the agent's
+        device (made at the first `act`), oldest pair first; window_lengths (N,) on the host: how many each holds."""
+        self.window_lengths = np.zeros(num_envs, dtype=np.int64)
+        self.window_z = self.window_actions = None
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, episode_start: np.ndarray | None = None, greedy: bool = False) -> np.ndarray:
-        """obs (N, 64, 64, 3) uint8, episode_start (N,) bool (obs is an episode's first frame) -> actions (N,)."""
+    def act(self, obs: np.ndarray, episode_start=None, greedy: bool = False):
+        """obs (N, 64, 64, 3) uint8, episode_start (N,) bool (obs is an episode's first frame) -> actions (N,); one
+        frame (64, 64, 3) with one bool (as a Gymnasium env gives them) -> one action (an int).
+
+        The windows stay on the device: one copy of obs there, one sync per call (the actions' copy back)."""
+        obs = np.asarray(obs)
+        if obs.shape == (64, 64, 3):
+            start = None if episode_start is None else np.asarray(episode_start, dtype=bool).reshape(1)
+            return int(self.act(obs[None], start, greedy)[0])
+        if obs.ndim != 4 or obs.shape[1:] != (64, 64, 3):
+            raise UserError(f"Agent.act takes frames (N, 64, 64, 3) or one frame (64, 64, 3), not {obs.shape}")
+        if len(obs) != len(self.window_lengths):
+            raise UserError(f"Agent.act got {len(obs)} frames for {len(self.window_lengths)} envs: call "
+                            f"agent.reset({len(obs)}) first")  # fmt: skip
         device = next(self.parameters()).device
         if episode_start is not None:
-            for i in np.flatnonzero(episode_start):
-                self.windows[i].clear()
+            self.window_lengths[np.asarray(episode_start, dtype=bool)] = 0
         was_training = self.training
         self.eval()
-        posterior = self.world_model.posterior(torch.tensor(obs, device=device))  # (N, 32, 32)
+        posterior = self.world_model.posterior(to_device(np.array(obs), device))  # (N, 32, 32)
         z_new = sample_latent(posterior)  # (N, 1024)
+        self._windows_on(z_new.dtype, device)
         actions = torch.randint(self.action_dim, (len(obs),), device=device)
-        lengths = np.array([len(window) for window in self.windows])
+        lengths = self.window_lengths
         for length in set(lengths[lengths > 0].tolist()):  # envs with equally long windows run together
-            envs = np.flatnonzero(lengths == length)
-            z = torch.stack([torch.stack([pair[0] for pair in self.windows[i]]) for i in envs])  # (n, T, 1024)
-            a = torch.stack([torch.stack([pair[1] for pair in self.windows[i]]) for i in envs])  # (n, T)
-            h, _ = self.world_model.dynamics(z, a)
+            envs = rows(np.flatnonzero(lengths == length), device)
+            h, _ = self.world_model.dynamics(self.window_z[envs, :length], self.window_actions[envs, :length])
             h = h[:, -1]  # (n, 512)
             z_actor = z_new[envs] if self.args.act_on_posterior else sample_latent(self.world_model.prior(h))
             actions[envs] = self.actor_critic.act(torch.cat([z_actor, h], -1), greedy)
-        for i, window in enumerate(self.windows):
-            window.append((z_new[i], actions[i]))
+        self._append_to_windows(z_new, actions)
         self.train(was_training)
         return actions.cpu().numpy()
+
+    def _windows_on(self, dtype: torch.dtype, device: torch.device) -> None:
+        if self.window_z is None:
+            shape = (len(self.window_lengths), self.args.act_context_length)
+            self.window_z = torch.zeros(*shape, self.args.stoch_categoricals * self.args.stoch_classes, dtype=dtype)
+            self.window_actions = torch.zeros(shape, dtype=torch.int64)
+        self.window_z, self.window_actions = self.window_z.to(device), self.window_actions.to(device)
+
+    def _append_to_windows(self, z: torch.Tensor, actions: torch.Tensor) -> None:
+        """Each env's (z (1024,), a) joins its window; a full window drops its oldest pair first."""
+        full = self.window_lengths == self.args.act_context_length
+        if full.any():
+            envs = rows(np.flatnonzero(full), z.device)
+            self.window_z[envs] = self.window_z[envs].roll(-1, 1)  # the oldest pair moves last, to be overwritten
+            self.window_actions[envs] = self.window_actions[envs].roll(-1, 1)
+        position = to_device(np.minimum(self.window_lengths, self.args.act_context_length - 1), z.device)  # (N,)
+        envs = torch.arange(len(position), device=z.device)
+        self.window_z[envs, position], self.window_actions[envs, position] = z, actions
+        self.window_lengths = np.minimum(self.window_lengths + 1, self.args.act_context_length)
+
+    def window_state(self) -> dict[str, torch.Tensor]:
+        """The acting windows as CPU tensors (for a checkpoint): "{i}.z" (n_i, 1024) and "{i}.actions" (n_i,) of
+        each env i with a non-empty window, oldest pair first."""
+        state = {}
+        for i in np.flatnonzero(self.window_lengths):
+            state[f"{i}.z"] = self.window_z[i, : self.window_lengths[i]].cpu()
+            state[f"{i}.actions"] = self.window_actions[i, : self.window_lengths[i]].cpu()
+        return state
+
+    def load_window_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back the windows of `window_state` (onto the agent's device); envs without one start empty."""
+        self.window_lengths[:] = 0
+        for key, z in tensors.items():
+            if key.endswith(".z"):
+                i = int(key[: -len(".z")])
+                self._windows_on(z.dtype, next(self.parameters()).device)
+                self.window_z[i, : len(z)], self.window_actions[i, : len(z)] = z, tensors[f"{i}.actions"]
+                self.window_lengths[i] = len(z)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device` (no copy on a CPU); to a GPU through pinned memory, without a sync."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+def rows(index: np.ndarray, device: torch.device) -> slice | torch.Tensor:
+    """Row indices (ascending) as a slice when they are consecutive (no copy), else as an index tensor on `device`."""
+    if index[-1] - index[0] == len(index) - 1:
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return to_device(index, device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -763,27 +826,44 @@ def draw_starts(rng: np.random.Generator, valid: int, size: int, probs: np.ndarr
     return starts
 
 
+def replay_storage(nbytes: int, device: torch.device) -> tuple[torch.device, bool]:
+    """Where a replay buffer of `nbytes` keeps its steps: (device, pinned). On a GPU when they take at most half of
+    its free memory (100k steps: 1.2 GB), else in pinned host memory (one line says so); on a CPU, in plain memory."""
+    if device.type != "cuda":
+        return device, False
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes <= free // 2:
+        return device, False
+    print(f"replay buffer: {nbytes / 1e9:.1f} GB is more than half of the GPU's {free / 1e9:.1f} GB free: kept in "
+          "pinned host memory, each batch copied to the GPU (slower)", flush=True)  # fmt: skip
+    return torch.device("cpu"), True
+
+
 class ReplayBuffer:
     """Ring buffer of (obs uint8, action, reward, termination, episode start) with DFS counters.
 
     Indices passed in and out are logical: 0 is the oldest stored step. n_wm[i] counts how often step i
     started a world-model sequence, n_img[i] how often it started an imagination context (start only).
+    The steps live on `device` (`replay_storage`), where the batches are gathered; the sampling stays on the
+    host (numpy), so a batch costs one small copy of indices to the device.
     """
 
-    def __init__(self, capacity: int, obs_shape=(64, 64, 3)):
+    def __init__(self, capacity: int, obs_shape=(64, 64, 3), device="cpu"):
         self.capacity, self.size, self.next = capacity, 0, 0
-        self.obs = np.zeros((capacity, *obs_shape), dtype=np.uint8)
-        self.actions = np.zeros(capacity, dtype=np.int64)
-        self.rewards = np.zeros(capacity, dtype=np.float32)
-        self.terminations = np.zeros(capacity, dtype=np.float32)
-        self.episode_starts = np.zeros(capacity, dtype=bool)
+        self.device, pinned = replay_storage(capacity * (math.prod(obs_shape) + 17), torch.device(device))
+        self.obs = torch.zeros((capacity, *obs_shape), dtype=torch.uint8, device=self.device, pin_memory=pinned)
+        self.actions = torch.zeros(capacity, dtype=torch.int64, device=self.device, pin_memory=pinned)
+        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=self.device, pin_memory=pinned)
+        self.terminations = torch.zeros(capacity, dtype=torch.float32, device=self.device, pin_memory=pinned)
+        self.episode_starts = torch.zeros(capacity, dtype=torch.bool, device=self.device, pin_memory=pinned)
         self.n_wm = np.zeros(capacity, dtype=np.int64)
         self.n_img = np.zeros(capacity, dtype=np.int64)
 
     def add(self, obs, action, reward, termination, episode_start) -> None:
         i = self.next
-        self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
-        self.terminations[i], self.episode_starts[i] = termination, episode_start
+        self.obs[i] = to_device(np.array(obs, dtype=np.uint8), self.device)  # (64, 64, 3); no sync on a GPU
+        self.actions[i], self.rewards[i] = int(action), float(reward)
+        self.terminations[i], self.episode_starts[i] = float(termination), bool(episode_start)
         self.n_wm[i] = self.n_img[i] = 0
         self.next, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
 
@@ -824,21 +904,38 @@ class ReplayBuffer:
         return starts
 
     def sequences(self, starts: np.ndarray, length: int, device, distinct_frames: bool = False):
-        """Steps [start, start + length) of each start -> tensors (B, length, ...).
+        """Steps [start, start + length) of each start -> tensors (B, length, ...) on `device`.
 
         With `distinct_frames`, "obs" is replaced by "frames" (U, 64, 64, 3), each distinct frame once, and
         "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
+        The indices are worked out on the host and copied to the storage once; the steps are gathered there.
         """
         index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
-        batch = dict(actions=self.actions[index], rewards=self.rewards[index], terminations=self.terminations[index])
+        distinct, inverse = np.unique(index, return_inverse=True) if distinct_frames else (index[:0], index[:0])
+        packed = to_device(np.concatenate([index, distinct, inverse], axis=None), self.device)  # one copy
+        flat, distinct, inverse = packed.split([index.size, distinct.size, inverse.size])
+        batch = {k: getattr(self, k).index_select(0, flat).view(index.shape) for k in ("actions", "rewards")}
+        batch["terminations"] = self.terminations.index_select(0, flat).view(index.shape)
         if distinct_frames:
-            distinct, inverse = np.unique(index, return_inverse=True)
-            batch["frames"], batch["frame_index"] = self.obs[distinct], inverse.reshape(index.shape)
+            batch["frames"], batch["frame_index"] = self.obs.index_select(0, distinct), inverse.view(index.shape)
         else:
-            batch["obs"] = self.obs[index]
-        pin = torch.device(device).type == "cuda"
-        tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
-        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
+            batch["obs"] = self.obs.index_select(0, flat).view(*index.shape, *self.obs.shape[1:])
+        if self.device.type == "cpu" and torch.device(device).type == "cuda":  # pinned host storage: copied over
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # already there: no copy
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the stored physical rows [:size] of every array (CPU tensors), next and size."""
+        state = {k: v[: self.size].cpu() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        state |= {k: torch.from_numpy(v[: self.size]) for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        return state | {"next": self.next, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what `state_dict` returned (onto the buffer's storage)."""
+        self.next, self.size = state["next"], state["size"]
+        for name, array in vars(self).items():
+            if isinstance(array, torch.Tensor | np.ndarray):
+                array[: self.size] = state[name] if isinstance(array, torch.Tensor) else state[name].numpy()
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -849,28 +946,38 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Imagination (paper 2.3): 8 real context steps, then 16 steps in the world model under the policy
 # ----------------------------------------------------------------------------------------------------------
-def imagine_step(world_model: WorldModel, actor_critic: ActorCritic, z, h, state):
+def imagine_one_step(world_model: WorldModel, actor_critic: ActorCritic, z, h, state):
     """s_i = (z_i (B, 1024), h_i (B, 512)) -> a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1})."""
     action = actor_critic.act(torch.cat([z, h], -1))  # (B,)
     h, state = world_model.dynamics.step(z, action, state)  # (B, 512)
     return sample_latent(world_model.prior(h)), h, state, action
 
 
+def compile_one_step():
+    """`--compile`: imagine_one_step under torch.compile. On a GPU in CUDA graphs ("reduce-overhead": each call
+    replays one graph instead of launching each kernel; its random numbers come from the graph-safe CUDA
+    generator); elsewhere that mode is the default one. Compiles on first use, once: the shapes never change."""
+    return torch.compile(imagine_one_step, mode="reduce-overhead")
+
+
 @torch.no_grad()
-def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: int, step=imagine_step):
+def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: int, rollout_step_fn=imagine_one_step):
     """Context frames (U, 64, 64, 3) picked by frame_index (B, C), actions (B, C) -> features (B, H+1, 1536),
     actions, rewards, continuations (B, H).
 
-    s_0 = (z_0 ~ prior(h_ctx), h_ctx), then H calls of `step` (imagine_step, or its torch.compile'd version).
-    The reward and continuation of a_i are read from h_{i+1}, the state after a_i.
+    s_0 = (z_0 ~ prior(h_ctx), h_ctx), then H calls of `rollout_step_fn` (imagine_one_step, or `compile_one_step`'s).
+    The reward and continuation of a_i are read from h_{i+1}, the state after a_i. A step's outputs may live in
+    CUDA-graph memory that the next rollout's replays overwrite: only the stacked copies leave this function.
     """
     z = sample_latent(world_model.posterior(frames)[frame_index])  # (B, C, 1024)
     h, state = world_model.dynamics(z, actions)  # (B, C, 512)
     h = h[:, -1].contiguous()  # (B, 512): laid out as the step's h, so that a compiled step compiles once
     z = sample_latent(world_model.prior(h))  # (B, 1024)
+    if z.is_cuda:
+        torch.compiler.cudagraph_mark_step_begin()  # a new rollout: a compiled step's graphs replay from the first
     zs, hs, taken = [z], [h], []
     for _ in range(horizon):
-        z, h, state, action = step(world_model, actor_critic, z, h, state)
+        z, h, state, action = rollout_step_fn(world_model, actor_critic, z, h, state)
         zs.append(z)
         hs.append(h)
         taken.append(action)
@@ -896,14 +1003,16 @@ def train_world_model(agent, optimizer, scheduler, buffer, args, rng, device, au
     return metrics
 
 
-def train_actor_critic(agent, optimizer, scheduler, buffer, args, rng, device, autocast, step=imagine_step):
+def train_actor_critic(
+    agent, optimizer, scheduler, buffer, args, rng, device, autocast, rollout_step_fn=imagine_one_step
+):
     starts = buffer.sample_imagination_starts(args, rng)
     batch = buffer.sequences(starts, args.imagine_context_length, device, distinct_frames=True)
     agent.world_model.eval()
     with autocast:
         features, actions, rewards, continuations = imagine(agent.world_model, agent.actor_critic, batch["frames"],
                                                             batch["frame_index"], batch["actions"],
-                                                            args.imagine_horizon, step)  # fmt: skip
+                                                            args.imagine_horizon, rollout_step_fn)  # fmt: skip
     features = features.float()
     agent.actor_critic.norm.update(features.flatten(0, 1))
     with autocast:
@@ -947,16 +1056,16 @@ def main(args: Args) -> None:
     print(f"{args.exp_name} world model: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     print(f"run {run_name} on {device}: TensorBoard logs and the agent go to {run_dir}", flush=True)
     print(f"Mamba scan: {scan_backend(device)}", flush=True)
-    imagination_step = torch.compile(imagine_step) if args.compile else imagine_step  # compiles on first use
+    rollout_step_fn = compile_one_step() if args.compile else imagine_one_step  # compiles on first use
     wm_optimizer, wm_scheduler = make_optimizer(agent.world_model.parameters(), args.wm_lr, args.warmup_updates)
     ac_optimizer, ac_scheduler = make_optimizer(agent.actor_critic.parameters(), args.ac_lr, args.warmup_updates)
-    buffer, rng = ReplayBuffer(args.buffer_size), np.random.default_rng(args.seed)
+    buffer, rng = ReplayBuffer(args.buffer_size, device=device), np.random.default_rng(args.seed)
     first_step, updates, update_budget, episode_start = 0, 0, 0.0, True
     recent_returns, action_history = deque(maxlen=5), []
 
     def loop_state(global_step: int) -> dict:  # what --resume needs, gathered when a checkpoint is written or read
         return dict(agent=agent, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer,
-                    ac_scheduler=ac_scheduler, buffer=buffer, rng=rng, window=agent.windows,
+                    ac_scheduler=ac_scheduler, buffer=buffer, rng=rng, window=agent,
                     action_history=action_history, recent_returns=recent_returns, global_step=global_step,
                     updates=updates, update_budget=update_budget, episode_start=episode_start, run_name=run_name,
                     args=args)  # fmt: skip
@@ -993,7 +1102,7 @@ def main(args: Args) -> None:
                 update_budget, updates = update_budget - 1, updates + 1
                 metrics = train_world_model(agent, wm_optimizer, wm_scheduler, buffer, args, rng, device, autocast)
                 metrics |= train_actor_critic(
-                    agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast, imagination_step
+                    agent, ac_optimizer, ac_scheduler, buffer, args, rng, device, autocast, rollout_step_fn
                 )
                 # TRY NOT TO MODIFY: record the losses and a dream
                 if updates % args.log_every == 0:

@@ -10,8 +10,9 @@ script shares this code and none changes when it does:
     torch Optimizer       tensors  "{name}.{i}.{key}" (the i-th parameter's state; `step` is kept on the CPU)
     LR scheduler          progress[name] (its state dict)
     np.random.Generator   progress[name] (its bit generator's state)
-    replay buffer         tensors  "{name}.{array}" (its numpy arrays up to `size`), progress[name] {next, size}
-    list of deques        tensors  "window.{i}.z", "window.{i}.actions" (the agent's acting windows of (z, a))
+    "window" (the agent)  tensors  "window.{i}.z", "window.{i}.actions" (its acting windows: Agent.window_state)
+    replay buffer         tensors  "{name}.{array}" (its arrays up to `size`), progress[name] {next, size}
+                                   (ReplayBuffer.state_dict)
     list of ints          tensor   name (int64; the actions taken so far, to replay the env)
     deque                 progress[name] (floats, e.g. the recent returns)
     dataclass             progress[name] (its fields; the run's Args)
@@ -177,10 +178,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(tensors["cuda_rng"], device)
 
 
-def _buffer_arrays(buffer) -> dict[str, np.ndarray]:
-    return {k: v for k, v in vars(buffer).items() if isinstance(v, np.ndarray)}
-
-
 def _device(state: dict) -> torch.device:
     module = next(v for v in state.values() if isinstance(v, torch.nn.Module))
     return next(module.parameters()).device
@@ -190,7 +187,9 @@ def save_training_state(run_dir: str, state: dict, variant: str) -> None:
     """Everything a run needs to continue exactly (see the module's docstring), to `run_dir/checkpoint.safetensors`."""
     tensors, progress = rng_tensors(_device(state)), {}
     for name, value in state.items():
-        if isinstance(value, torch.nn.Module):
+        if name == "window":
+            tensors |= {f"window.{k}": v for k, v in value.window_state().items()}
+        elif isinstance(value, torch.nn.Module):
             tensors |= {f"{name}.{k}": v for k, v in value.state_dict().items()}
         elif isinstance(value, torch.optim.Optimizer):
             tensors |= optimizer_tensors(name, value)
@@ -198,14 +197,10 @@ def save_training_state(run_dir: str, state: dict, variant: str) -> None:
             progress[name] = value.state_dict()
         elif isinstance(value, np.random.Generator):
             progress[name] = value.bit_generator.state
-        elif _buffer_arrays(value) if hasattr(value, "__dict__") else False:
-            tensors |= {f"{name}.{k}": torch.from_numpy(v[: value.size]) for k, v in _buffer_arrays(value).items()}
-            progress[name] = {"next": value.next, "size": value.size}
-        elif isinstance(value, list) and value and isinstance(value[0], deque):
-            for i, window in enumerate(value):
-                if window:
-                    tensors[f"window.{i}.z"] = torch.stack([z for z, _ in window])
-                    tensors[f"window.{i}.actions"] = torch.stack([a for _, a in window])
+        elif hasattr(value, "load_state_dict"):  # the replay buffer
+            buffer_state = value.state_dict()
+            tensors |= {f"{name}.{k}": v for k, v in buffer_state.items() if isinstance(v, torch.Tensor)}
+            progress[name] = {"next": buffer_state["next"], "size": buffer_state["size"]}
         elif isinstance(value, list):
             tensors[name] = torch.tensor(value, dtype=torch.int64)
         elif isinstance(value, deque):
@@ -246,7 +241,9 @@ def restore_training_state(state: dict, tensors: dict[str, torch.Tensor], progre
     device, plain = _device(state), {}
     restore_rng(tensors, device)
     for name, value in state.items():
-        if isinstance(value, torch.nn.Module):
+        if name == "window":
+            value.load_window_state({k[len("window.") :]: v for k, v in tensors.items() if k.startswith("window.")})
+        elif isinstance(value, torch.nn.Module):
             value.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
         elif isinstance(value, torch.optim.Optimizer):
             load_optimizer_tensors(name, value, tensors)
@@ -256,15 +253,9 @@ def restore_training_state(state: dict, tensors: dict[str, torch.Tensor], progre
                 group["lr"] = lr  # the learning rate the saved run's next update would have used
         elif isinstance(value, np.random.Generator):
             value.bit_generator.state = progress[name]
-        elif _buffer_arrays(value) if hasattr(value, "__dict__") else False:
-            for array_name, array in _buffer_arrays(value).items():
-                array[: progress[name]["size"]] = tensors[f"{name}.{array_name}"].numpy()
-            value.next, value.size = progress[name]["next"], progress[name]["size"]
-        elif isinstance(value, list) and value and isinstance(value[0], deque):
-            for i, window in enumerate(value):
-                if f"window.{i}.z" in tensors:
-                    z, actions = tensors[f"window.{i}.z"].to(device), tensors[f"window.{i}.actions"].to(device)
-                    window.extend(zip(z, actions, strict=True))
+        elif hasattr(value, "load_state_dict"):  # the replay buffer
+            value.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+                                  | progress[name])  # fmt: skip
         elif isinstance(value, list):
             value[:] = tensors[name].tolist()
         elif isinstance(value, deque):
