@@ -204,7 +204,7 @@ def main() -> None:
 
                 rollouts[name] = rollout
 
-            # drama_xs: drama_xs.imagine_step (actor, dynamics step, prior, sample) and the reward/termination heads
+            # drama_xs: imagine_one_step (actor, dynamics step, prior, sample) and the reward/termination heads
             h0 = torch.randn(batch, d, device=device)
             z0 = drama_xs.sample_latent(wm.prior(h0))
             state0 = random_like_state(wm.dynamics.allocate_state(batch, device, dtype))
@@ -212,7 +212,7 @@ def main() -> None:
             def drama_rollout(z=z0, h=h0, state=state0):
                 with C.autocast(device, args.bf16):
                     for _ in range(horizon):
-                        z, h, state, _ = drama_xs.imagine_step(wm, ac, z, h, state)
+                        z, h, state, _ = drama_xs.imagine_one_step(wm, ac, z, h, state)
                         wm.reward(h), wm.continuation(h)
                 return state
 

@@ -129,24 +129,24 @@ def component_rows(agent, device, rounds: int, batch: int) -> list[list]:
     rollout_state = [tuple(s.normal_() for s in st) for st in wm.dynamics.allocate_state(batch, device)]
 
     @torch.no_grad()
-    def rollout(step):
+    def rollout(rollout_step_fn):
         zz, hh, st = z, h, rollout_state
         for _ in range(16):
-            zz, hh, st, _ = step(wm, ac, zz, hh, st)
+            zz, hh, st, _ = rollout_step_fn(wm, ac, zz, hh, st)
 
     def rollout_before():
         with (
             mock.patch.object(m, "sample_latent", sample_latent_before),
             mock.patch.object(m.Mamba2, "step", mamba2_step_before),
         ):
-            rollout(m.imagine_step)
+            rollout(m.imagine_one_step)
 
-    compiled = torch.compile(m.imagine_step)
+    compiled = m.compile_one_step()
     start = time.perf_counter()
     rollout(compiled)
     compile_seconds = time.perf_counter() - start
     seconds, ratios = paired(
-        {"before": rollout_before, "now": lambda: rollout(m.imagine_step), "compiled": lambda: rollout(compiled)},
+        {"before": rollout_before, "now": lambda: rollout(m.imagine_one_step), "compiled": lambda: rollout(compiled)},
         device,
         rounds,
     )
@@ -185,18 +185,20 @@ def update_rows(args, device, scale: float, rounds: int) -> tuple[list[list], st
         rng = np.random.default_rng(args.seed)
         a, agent, optimizers = training_step.make_agent(m, scale, 6, device)
         buffer = training_step.fill_buffer(m, args.buffer_steps, 6, rng)
-        step = torch.compile(m.imagine_step) if "compile" in name else m.imagine_step
-        setups[name] = (a, agent, optimizers, buffer, rng, step)
+        rollout_step_fn = m.compile_one_step() if "compile" in name else m.imagine_one_step
+        setups[name] = (a, agent, optimizers, buffer, rng, rollout_step_fn)
     runs = {name: [] for name in setups}
     shares = {name: [] for name in setups}
 
     def update(name):
-        a, agent, optimizers, buffer, rng, step = setups[name]
+        a, agent, optimizers, buffer, rng, rollout_step_fn = setups[name]
         phases = training_step.Phases(device)
         hooks = phases.hook_world_model(agent.world_model)
         autocast = contextlib.nullcontext
         with before() if name == "before" else contextlib.nullcontext():
-            training_step.instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases, step)
+            training_step.instrumented_update(
+                m, agent, optimizers, buffer, a, rng, device, autocast, phases, rollout_step_fn
+            )
         for handle in hooks:
             handle.remove()
         shares[name] += phases.distinct_shares

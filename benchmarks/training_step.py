@@ -135,7 +135,7 @@ def fill_buffer(module, steps: int, action_dim: int, rng: np.random.Generator):
     return buffer
 
 
-def instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases: Phases, step=None):
+def instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases: Phases, rollout_step_fn=None):
     """One world-model + one actor-critic update: the steps of m.train_world_model and m.train_actor_critic."""
     wm_opt, wm_sched, ac_opt, ac_sched = optimizers
     wm, ac = agent.world_model, agent.actor_critic
@@ -163,7 +163,8 @@ def instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, 
     phases.sublabels = {"encoder": "img: context encode", "dynamics": "img: context dynamics"}
     with phases("img: imagine"), autocast():
         features, actions, rewards, continuations = m.imagine(
-            wm, ac, batch["frames"], batch["frame_index"], batch["actions"], a.imagine_horizon, step or m.imagine_step
+            wm, ac, batch["frames"], batch["frame_index"], batch["actions"], a.imagine_horizon,
+            rollout_step_fn or m.imagine_one_step,
         )
     phases.sublabels = {}
     with phases("ac: loss (+ running norm)"):
@@ -448,12 +449,13 @@ def run_variant(name, m, args, device, scale, warmup, repeats, peak, env_seconds
     phases = Phases(device)
     hooks = phases.hook_world_model(agent.world_model)
     runs, flops = [], {}
-    step = torch.compile(m.imagine_step) if args.compile else m.imagine_step  # the first update runs eager
+    rollout_step_fn = m.compile_one_step() if args.compile else m.imagine_one_step  # the first update runs eager
     for i in range(warmup + repeats):
         phases.count_flops = i == 0
         phases.seconds.clear()
         start = time.perf_counter()
-        instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases, step if i else None)
+        this_update_fn = rollout_step_fn if i else None  # the first update runs eager
+        instrumented_update(m, agent, optimizers, buffer, a, rng, device, autocast, phases, this_update_fn)
         note = " (warm-up, counting FLOPs)" if i == 0 else " (warm-up)" if i < warmup else ""
         print(f"  update {i + 1}/{warmup + repeats}: {time.perf_counter() - start:.1f} s{note}", flush=True)
         if i == 0:
@@ -471,7 +473,7 @@ def run_variant(name, m, args, device, scale, warmup, repeats, peak, env_seconds
     # the real functions, un-instrumented, as a check of the sum of the phases
     def real_update():
         m.train_world_model(agent, optimizers[0], optimizers[1], buffer, a, rng, device, autocast())
-        m.train_actor_critic(agent, optimizers[2], optimizers[3], buffer, a, rng, device, autocast(), step)
+        m.train_actor_critic(agent, optimizers[2], optimizers[3], buffer, a, rng, device, autocast(), rollout_step_fn)
 
     check = not args.quick or repeats > 1  # --quick checks the first variant only
     real_time = C.median(C.measure(real_update, device, 0, 1 if args.quick else 2)) if check else None

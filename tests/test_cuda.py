@@ -182,7 +182,7 @@ def tiny_training(args: drama_xs.Args, action_dim: int = 4) -> dict:
     return dict(
         args=args, agent=agent, buffer=buffer, rng=rng, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler,
         ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler, global_step=64, updates=0, update_budget=0.0,
-        episode_start=False, recent_returns=deque(maxlen=5), action_history=[0] * 64, window=agent.windows,
+        episode_start=False, recent_returns=deque(maxlen=5), action_history=[0] * 64, window=agent,
         run_name="cuda",
     )  # fmt: skip
 
@@ -247,7 +247,7 @@ def test_compiled_imagination_step_compiles_once_under_bf16_autocast():
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True), torch.autocast("cuda", dtype=torch.bfloat16):
         features, *_ = drama_xs.imagine(
-            agent.world_model, agent.actor_critic, frames, frame_index, actions, 5, torch.compile(drama_xs.imagine_step)
+            agent.world_model, agent.actor_critic, frames, frame_index, actions, 5, drama_xs.compile_one_step()
         )
     torch._dynamo.reset()
     assert features.shape == (3, 6, 64 + 64) and torch.isfinite(features).all()

@@ -14,7 +14,6 @@ import runpy
 import shutil
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -489,7 +488,36 @@ def test_ring_buffer_wraps_in_time_order(mod):
     np.testing.assert_array_equal(batch["terminations"].numpy(), (expected % 5 == 4).astype(np.float32))
     assert batch["obs"].shape == (3, 5, 64, 64, 3) and batch["obs"].dtype == torch.uint8
     np.testing.assert_array_equal(batch["obs"][..., 0, 0, 0].numpy(), expected)
-    assert buffer.obs.dtype == np.uint8  # frames are stored as uint8, never float
+    assert buffer.obs.dtype == torch.uint8  # frames are stored as uint8, never float
+
+
+def test_replay_buffer_state_dict_is_the_checkpoint_format(dfs_mod):
+    """state_dict: the physical rows [:size] of every array as CPU tensors (the checkpoint's "buffer.<array>" keys
+    and dtypes, unchanged), next and size; load_state_dict puts back a buffer that samples and gathers the same."""
+    buffer = filled_buffer(dfs_mod, 13, 8)  # wrapped: steps 5..12
+    args = tiny_args(dfs_mod, batch_size=4, sequence_length=3, imagine_batch_size=8, imagine_context_length=2)
+    buffer.sample_world_model_starts(args, np.random.default_rng(0))
+    state = buffer.state_dict()
+    dtypes = dict(obs=torch.uint8, actions=torch.int64, rewards=torch.float32, terminations=torch.float32,
+                  episode_starts=torch.bool, n_wm=torch.int64, n_img=torch.int64)  # fmt: skip
+    assert {k for k in state if k not in ("next", "size")} <= set(dtypes) and (state["next"], state["size"]) == (5, 8)
+    for key, tensor in state.items():
+        if key not in ("next", "size"):
+            assert tensor.dtype == dtypes[key] and tensor.device.type == "cpu" and len(tensor) == 8
+    np.testing.assert_array_equal(state["rewards"].numpy(), [8, 9, 10, 11, 12, 5, 6, 7])  # physical order
+    restored = dfs_mod.ReplayBuffer(8)
+    restored.load_state_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()})
+    starts = [b.sample_imagination_starts(args, np.random.default_rng(1)) for b in (buffer, restored)]
+    np.testing.assert_array_equal(*starts)
+    for distinct in (False, True):
+        batches = [b.sequences(starts[0], 2, "cpu", distinct_frames=distinct) for b in (buffer, restored)]
+        for key in batches[0]:
+            assert torch.equal(batches[0][key], batches[1][key])
+    # a plain numpy gather from the saved rows (the layout before the buffer held tensors) gives the same batch
+    index = (5 + starts[0][:, None] + np.arange(2)) % 8
+    batch = buffer.sequences(starts[0], 2, "cpu")
+    for key in ("obs", "actions", "rewards", "terminations"):
+        np.testing.assert_array_equal(batch[key].numpy(), state[key].numpy()[index])
 
 
 def test_ring_buffer_dfs_counters_follow_logical_indices(dfs_mod):
@@ -764,8 +792,9 @@ NEEDS_COMPILER = pytest.mark.skipif(
 
 @NEEDS_COMPILER
 def test_compiled_imagination_step_matches_eager(mod):
-    """--compile: imagine with torch.compile(imagine_step) imagines what the eager step does, compiled once (step 0
-    gets the states of `forward`, later steps those of `step`: same dtypes and layouts, no second compile)."""
+    """--compile: imagine with compile_one_step() (reduce-overhead mode: CUDA graphs on a GPU, the default mode on a
+    CPU) imagines what the eager step does, compiled once (step 0 gets the states of `forward`, later steps those
+    of `step`: same dtypes and layouts, no second compile), also over a second rollout."""
     args = tiny_args(mod)
     torch.manual_seed(0)
     world_model = mod.WorldModel(args, 5).eval()
@@ -779,12 +808,15 @@ def test_compiled_imagination_step_matches_eager(mod):
         torch._inductor.config.patch(fallback_random=True),  # the compiled step draws eager's random numbers
         torch._dynamo.config.patch(error_on_recompile=True),
     ):
-        for step in (mod.imagine_step, torch.compile(mod.imagine_step)):
-            torch.manual_seed(1)
-            results.append(mod.imagine(world_model, actor_critic, frames, frame_index, context_actions, 5, step))
+        for rollout_step_fn in (mod.imagine_one_step, mod.compile_one_step()):
+            for seed in (1, 2):  # the second rollout replays what the first compiled
+                torch.manual_seed(seed)
+                results.append(mod.imagine(world_model, actor_critic, frames, frame_index, context_actions, 5,
+                                           rollout_step_fn))  # fmt: skip
     torch._dynamo.reset()
-    for eager, compiled in zip(*results, strict=True):
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for eager, compiled in zip(results[:2], results[2:], strict=True):
+        for a, b in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 def test_eval_encoder_folds_batchnorm_into_the_conv(mod):
@@ -1110,8 +1142,15 @@ def argmax_latent(probs: torch.Tensor) -> torch.Tensor:
     return F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype).flatten(-2)
 
 
-def copy_windows(windows):
-    return [deque(list(w), maxlen=w.maxlen) for w in windows]
+def set_windows(agent, windows: dict, num_envs: int) -> None:
+    """Give the agent the acting windows `windows` (as Agent.window_state writes them) for `num_envs` envs."""
+    agent.reset(num_envs)
+    agent.load_window_state(windows)
+
+
+def window_of(windows: dict, i: int) -> dict:
+    """Env i's window of `windows`, as env 0's."""
+    return {f"0.{key}": windows[f"{i}.{key}"] for key in ("z", "actions") if f"{i}.{key}" in windows}
 
 
 def make_agent(mod, **overrides):
@@ -1125,21 +1164,66 @@ def make_agent(mod, **overrides):
 def test_act_valid_actions_and_windows(mod, pong_frames):
     agent = make_agent(mod)
     agent.reset(1)
+    taken = []
     for t in range(7):
         actions = agent.act(pong_frames[t : t + 1], np.array([t == 0]))
+        taken.append(int(actions[0]))
+        assert agent.window_state()["0.actions"].tolist() == taken[-4:]  # oldest first, the oldest drops out
         assert actions.shape == (1,) and np.issubdtype(actions.dtype, np.integer) and 0 <= actions[0] < 6
-        assert len(agent.windows[0]) == min(t + 1, 4)  # never more than act_context_length
-        assert int(agent.windows[0][-1][1]) == actions[0]  # the chosen action joins the window
+        assert agent.window_lengths[0] == min(t + 1, 4)  # never more than act_context_length
+        assert int(agent.window_state()["0.actions"][-1]) == actions[0]  # the chosen action joins the window
     agent.act(pong_frames[7:8], np.array([True]))
-    assert len(agent.windows[0]) == 1  # an episode start clears the window
+    assert agent.window_lengths[0] == 1  # an episode start clears the window
     agent.reset(3)
     starts = [[True, True, True], [False, True, False], [False, False, True], [False, False, False]]
     lengths = [[1, 1, 1], [2, 1, 2], [3, 2, 1], [4, 3, 2]]
     for t, (start, length) in enumerate(zip(starts, lengths, strict=True)):
         actions = agent.act(pong_frames[3 * t % 10 : 3 * t % 10 + 3], np.array(start))
         assert actions.shape == (3,) and all(0 <= a < 6 for a in actions)
-        assert [len(w) for w in agent.windows] == length
+        assert agent.window_lengths.tolist() == length
     assert agent.training  # act leaves the mode as it found it
+
+
+def test_act_takes_n_frames_or_one_frame_and_refuses_other_shapes(mod, pong_frames):
+    """(N, 64, 64, 3) -> N actions; one unbatched frame (64, 64, 3), as a Gymnasium env gives it -> one action (the
+    same as the batch of one); any other shape, or N frames for another number of envs, is one line naming it."""
+    agent = make_agent(mod)
+    results = []
+    for batched in (True, False):
+        agent.reset(1)
+        torch.manual_seed(0)
+        results.append([agent.act(pong_frames[t : t + 1] if batched else pong_frames[t], t == 0) for t in range(3)])
+    assert all(isinstance(a, np.ndarray) and a.shape == (1,) for a in results[0])
+    assert all(isinstance(a, int) for a in results[1]) and [int(a[0]) for a in results[0]] == results[1]
+    agent.reset(2)
+    assert agent.act(pong_frames[:2], np.array([True, True])).shape == (2,)
+    for shape in [(64, 64), (64, 64, 1), (2, 32, 32, 3), (1, 2, 64, 64, 3)]:
+        with pytest.raises(utils.UserError, match=re.escape(f"(N, 64, 64, 3) or one frame (64, 64, 3), not {shape}")):
+            agent.act(np.zeros(shape, np.uint8))
+    with pytest.raises(utils.UserError, match=r"got 3 frames for 2 envs: call agent.reset\(3\) first"):
+        agent.act(pong_frames[:3])
+
+
+def test_window_state_round_trip(mod, pong_frames):
+    """window_state -> load_window_state (a checkpoint's "window.{i}.*"): the same windows, the same next actions."""
+    agent = make_agent(mod)
+    agent.reset(3)
+    for t in range(6):  # env 1 restarts at t = 4: windows of 4, 2 and 4 pairs (act_context_length 4)
+        agent.act(pong_frames[t : t + 3], np.array([t == 0, t in (0, 4), t == 0]))
+    state = agent.window_state()
+    assert sorted(state) == ["0.actions", "0.z", "1.actions", "1.z", "2.actions", "2.z"]
+    assert [len(state[f"{i}.z"]) for i in range(3)] == [4, 2, 4] and state["0.z"].shape[1] == 16
+    other = make_agent(mod)
+    other.load_state_dict(agent.state_dict())
+    other.reset(3)
+    other.load_window_state(state)
+    for key, tensor in other.window_state().items():
+        assert torch.equal(tensor, state[key])
+    actions = []
+    for acting in (agent, other):
+        torch.manual_seed(3)
+        actions.append(acting.act(pong_frames[6:9]))
+    np.testing.assert_array_equal(*actions)
 
 
 def test_act_batched_equals_each_env_alone(mod, pong_frames, monkeypatch):
@@ -1151,29 +1235,30 @@ def test_act_batched_equals_each_env_alone(mod, pong_frames, monkeypatch):
     seen = []
     act = agent.actor_critic.act
     monkeypatch.setattr(agent.actor_critic, "act", lambda f, greedy=False: seen.append(f) or act(f, greedy))
-    agent.reset(5)
     g = torch.Generator().manual_seed(0)
+    before = {}
     for i, length in enumerate([3, 1, 3, 2, 0]):  # envs 0 and 2 form one group
-        for _ in range(length):
-            z = F.one_hot(torch.randint(0, 4, (4,), generator=g), 4).float().flatten()
-            agent.windows[i].append((z, torch.randint(0, 6, (), generator=g)))
-    before = copy_windows(agent.windows)
+        if length:
+            before[f"{i}.z"] = F.one_hot(torch.randint(0, 4, (length, 4), generator=g), 4).float().flatten(1)
+            before[f"{i}.actions"] = torch.randint(0, 6, (length,), generator=g)
+    set_windows(agent, before, 5)
     obs = pong_frames[:5]
     batched = agent.act(obs, None, greedy=True)
-    assert [len(w) for w in agent.windows] == [4, 2, 4, 3, 1]
+    assert agent.window_lengths.tolist() == [4, 2, 4, 3, 1]
     assert batched[0] != batched[2]  # the grouped envs act differently: a mix-up would show
     for i in range(4):
-        agent.windows, seen[:] = [copy_windows(before)[i]], []
+        set_windows(agent, window_of(before, i), 1)
+        seen[:] = []
         alone = agent.act(obs[i : i + 1], None, greedy=True)
         assert alone[0] == batched[i]
-        z = torch.stack([pair[0] for pair in before[i]])[None]
-        a = torch.stack([pair[1] for pair in before[i]])[None]
+        z, a = before[f"{i}.z"][None], before[f"{i}.actions"][None]
         with torch.no_grad():
             h = agent.world_model.dynamics(z, a)[0][:, -1]
             z_prior = argmax_latent(agent.world_model.prior(h))
         torch.testing.assert_close(seen[0], torch.cat([z_prior, h], -1), rtol=1e-5, atol=1e-5)
         # the same window with a different newest frame: the actor sees the same features
-        agent.windows, seen[:] = [copy_windows(before)[i]], []
+        set_windows(agent, window_of(before, i), 1)
+        seen[:] = []
         agent.act(255 - obs[i : i + 1], None, greedy=True)
         torch.testing.assert_close(seen[0], torch.cat([z_prior, h], -1), rtol=1e-5, atol=1e-5)
 
@@ -1188,14 +1273,15 @@ def test_act_on_posterior_sees_the_newest_frame(mod, pong_frames, monkeypatch):
     agent.reset(1)
     for t in range(3):
         agent.act(pong_frames[t : t + 1], np.array([t == 0]))
-    window = copy_windows(agent.windows)
+    window = agent.window_state()
     for obs in (pong_frames[3:4], 255 - pong_frames[3:4]):
-        agent.windows, seen[:] = copy_windows(window), []
+        set_windows(agent, window, 1)
+        seen[:] = []
         agent.act(obs, None, greedy=True)
         with torch.no_grad():
             z_new = argmax_latent(agent.world_model.posterior(torch.as_tensor(obs)))
         torch.testing.assert_close(seen[0][:, :16], z_new)
-        torch.testing.assert_close(agent.windows[0][-1][0], z_new[0])  # the frame joins the window once
+        torch.testing.assert_close(agent.window_state()["0.z"][-1], z_new[0])  # the frame joins the window once
 
 
 def test_act_greedy_is_deterministic_given_the_same_windows(mod, pong_frames, monkeypatch):
@@ -1210,11 +1296,12 @@ def test_act_greedy_is_deterministic_given_the_same_windows(mod, pong_frames, mo
     agent.reset(3)
     agent.act(pong_frames[0:3], np.ones(3, bool))
     agent.act(pong_frames[3:6], np.zeros(3, bool))
-    window = copy_windows(agent.windows)
+    window = agent.window_state()
     results = {True: [], False: []}
     for seed in range(8):
         for greedy in (True, False):
-            agent.windows, seen[:] = copy_windows(window), []
+            set_windows(agent, window, 3)
+            seen[:] = []
             torch.manual_seed(seed)
             results[greedy].append(agent.act(pong_frames[6:9], None, greedy=greedy))
     with torch.no_grad():

@@ -260,15 +260,16 @@ def test_running_norm_updates_once_per_update_and_never_while_acting(mod, monkey
     assert norm.count.item() == 0 and norm.mean.abs().max() == 0 and (norm.var == 1).all()
     seen, features = [], []
 
-    def step(world_model, actor_critic, z, h, state):
+    def rollout_step_fn(world_model, actor_critic, z, h, state):
         seen.append((actor_critic.norm.count.item(), actor_critic.norm.mean.clone()))
-        return mod.imagine_step(world_model, actor_critic, z, h, state)
+        return mod.imagine_one_step(world_model, actor_critic, z, h, state)
 
     loss = agent.actor_critic.loss
     monkeypatch.setattr(agent.actor_critic, "loss", lambda f, *rest: features.append(f) or loss(f, *rest))
     optimizer, scheduler = mod.make_optimizer(agent.actor_critic.parameters(), 1e-4, 10)
     autocast = torch.autocast("cpu", enabled=False)
-    mod.train_actor_critic(agent, optimizer, scheduler, buffer, args, np.random.default_rng(0), "cpu", autocast, step)
+    mod.train_actor_critic(agent, optimizer, scheduler, buffer, args, np.random.default_rng(0), "cpu", autocast,
+                           rollout_step_fn)
     assert [count for count, _ in seen] == [0, 0, 0]  # the rollout acts on the statistics before the update
     (imagined,) = features  # (6, 4, feature_dim)
     assert norm.count.item() == 6 * 4  # then one update with every imagined (z, h)

@@ -67,7 +67,7 @@ def make_training(action_dim: int = 3, **overrides):
         args=args, agent=agent, buffer=buffer, rng=np.random.default_rng(0), wm_optimizer=wm_optimizer,
         wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler, global_step=10,
         updates=0, update_budget=0.0, episode_start=False, recent_returns=deque(maxlen=5), action_history=[0] * 10,
-        window=agent.windows, run_name="test",
+        window=agent, run_name="test",
     )  # fmt: skip
 
 
