@@ -913,18 +913,30 @@ class ReplayBuffer:
 
         With `distinct_frames`, "obs" is replaced by "frames" (U, 64, 64, 3), each distinct frame once, and
         "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
-        The indices are worked out on the host and copied to the storage once; the steps are gathered there.
+        The indices are worked out on the host; on a GPU they are copied there once and the steps gathered there.
         """
         index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
         distinct, inverse = np.unique(index, return_inverse=True) if distinct_frames else (index[:0], index[:0])
-        packed = to_device(np.concatenate([index, distinct, inverse], axis=None), self.device)  # one copy
-        flat, distinct, inverse = packed.split([index.size, distinct.size, inverse.size])
-        batch = {k: getattr(self, k).index_select(0, flat).view(index.shape) for k in ("actions", "rewards")}
-        batch["terminations"] = self.terminations.index_select(0, flat).view(index.shape)
+        inverse = inverse.reshape(-1, length)  # (B, length) or, without distinct_frames, empty
+        if self.device.type == "cpu":  # numpy's gather: faster than torch's on a CPU
+
+            def gather(name: str, rows: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(getattr(self, name).numpy()[rows])
+
+            frame_index = torch.from_numpy(inverse)
+        else:  # one copy of the indices to the GPU, the steps gathered there
+
+            def gather(name: str, rows: torch.Tensor) -> torch.Tensor:
+                return getattr(self, name)[rows]
+
+            packed = to_device(np.concatenate([index, distinct, inverse], axis=None), self.device)
+            index, distinct, frame_index = (p.view(a.shape) for p, a in zip(
+                packed.split([index.size, distinct.size, inverse.size]), (index, distinct, inverse), strict=True))
+        batch = {k: gather(k, index) for k in ("actions", "rewards", "terminations")}
         if distinct_frames:
-            batch["frames"], batch["frame_index"] = self.obs.index_select(0, distinct), inverse.view(index.shape)
+            batch["frames"], batch["frame_index"] = gather("obs", distinct), frame_index
         else:
-            batch["obs"] = self.obs.index_select(0, flat).view(*index.shape, *self.obs.shape[1:])
+            batch["obs"] = gather("obs", index)
         if self.device.type == "cpu" and torch.device(device).type == "cuda":  # pinned host storage: copied over
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # already there: no copy
