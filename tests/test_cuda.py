@@ -10,6 +10,7 @@ the gate, a state one step off, a lost initial state) gives 1e-1 and more.
 import importlib.util
 import math
 import shutil
+import warnings
 from collections import deque
 
 import numpy as np
@@ -175,7 +176,7 @@ def tiny_training(args: drama_xs.Args, action_dim: int = 4) -> dict:
     agent = drama_xs.Agent(args, action_dim).to(CUDA)
     wm_optimizer, wm_scheduler = drama_xs.make_optimizer(agent.world_model.parameters(), 1e-3, 10)
     ac_optimizer, ac_scheduler = drama_xs.make_optimizer(agent.actor_critic.parameters(), 1e-3, 10)
-    buffer = drama_xs.ReplayBuffer(args.buffer_size)
+    buffer = drama_xs.ReplayBuffer(args.buffer_size, device=CUDA)  # as main() makes it
     rng = np.random.default_rng(0)
     for i in range(64):
         buffer.add(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % action_dim, float(i % 5 == 0), 0.0, i == 0)
@@ -251,3 +252,52 @@ def test_compiled_imagination_step_compiles_once_under_bf16_autocast():
         )
     torch._dynamo.reset()
     assert features.shape == (3, 6, 64 + 64) and torch.isfinite(features).all()
+
+
+@needs_cuda
+def test_replay_buffer_on_the_gpu_gathers_what_a_cpu_buffer_does_without_a_sync():
+    """The buffer keeps its steps on the GPU; adding a step and gathering both batches never waits for the GPU
+    (sync debug mode "error"), and the batches and the checkpoint state equal a CPU buffer's."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (80, 64, 64, 3), dtype=np.uint8)
+    steps = [(frames[i], i % 4, float(i % 5 == 0), float(i % 7 == 0), i % 9 == 0) for i in range(80)]
+    cpu, gpu = drama_xs.ReplayBuffer(64), drama_xs.ReplayBuffer(64, device=CUDA)
+    assert gpu.obs.is_cuda and gpu.rewards.is_cuda and cpu.obs.device.type == "cpu"
+    starts = np.array([0, 3, 3, 40])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in steps:
+            gpu.add(*step)
+        on_gpu = [gpu.sequences(starts, 8, CUDA, distinct_frames=distinct) for distinct in (False, True)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for step in steps:
+        cpu.add(*step)
+    on_cpu = [cpu.sequences(starts, 8, "cpu", distinct_frames=distinct) for distinct in (False, True)]
+    for expected, batch in zip(on_cpu, on_gpu, strict=True):
+        assert expected.keys() == batch.keys()
+        for key in expected:
+            assert batch[key].is_cuda and torch.equal(batch[key].cpu(), expected[key]), key
+    expected, state = cpu.state_dict(), gpu.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value
+
+
+@needs_cuda
+def test_act_on_the_gpu_syncs_once_per_call():
+    """Acting keeps its windows on the GPU: the only sync of a call is the actions' copy back to the host."""
+    agent = drama_xs.Agent(drama_xs.Args(**TINY), 4).to(CUDA)
+    frames = np.random.default_rng(0).integers(0, 256, (8, 3, 64, 64, 3), dtype=np.uint8)
+    agent.reset(3)
+    agent.act(frames[0], np.ones(3, bool))  # the first call makes the windows
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for t in range(1, 8):  # full windows, unequal lengths (env 1 restarts), envs 0 and 2 grouped
+                agent.act(frames[t], np.array([False, t == 3, False]))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 7, [str(w.message) for w in syncs]
+    assert agent.window_z.is_cuda and agent.window_lengths.tolist() == [4, 4, 4]

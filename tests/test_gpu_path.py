@@ -141,3 +141,17 @@ def test_forward_returns_fp32_contiguous_states_under_bf16_autocast(mod):
             assert after.dtype == torch.float32 and after.is_contiguous() and after.shape == before.shape
     _, state = mixer.double()(u.double())
     assert all(tensor.dtype == torch.float64 for tensor in state)  # never lowered: float64 checks stay exact
+
+
+@pytest.mark.parametrize("variant", ["drama_xs", "drama_uniform_sampling"])
+def test_replay_buffer_goes_to_pinned_host_memory_when_the_gpu_is_short(variant, monkeypatch, capsys):
+    """On a GPU the steps stay there when they take at most half its free memory; else pinned host memory, said in
+    one line. On a CPU: plain memory, nothing said."""
+    mod = importlib.import_module(variant)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8_000_000_000, 80_000_000_000))
+    assert mod.replay_storage(1_200_000_000, CUDA) == (CUDA, False)
+    assert capsys.readouterr().out == ""
+    assert mod.replay_storage(4_000_000_001, CUDA) == (CPU, True)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("replay buffer: 4.0 GB is more than half of the GPU's 8.0 GB free: kept in pinned host")
+    assert mod.replay_storage(10**12, CPU) == (CPU, False) and capsys.readouterr().out == ""
