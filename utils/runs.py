@@ -31,7 +31,7 @@ class RunOptions:
     amx_bf16, Arm bf16: 2-3x faster updates), else fp32 (emulated bf16 is 7-14x slower). See utils/precision.py"""
     compile: bool = False
     """if toggled, `torch.compile` the imagination step (1.3x faster rollout on CPU after a one-time 5-20 s compile;
-    needs a C++ compiler on CPU, e.g. `apt-get install g++`)"""
+    on CUDA in CUDA graphs, mode "reduce-overhead"; needs a C++ compiler on CPU, e.g. `apt-get install g++`)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "drama"
