@@ -750,7 +750,7 @@ class Agent(nn.Module):
         actions = torch.randint(self.action_dim, (len(obs),), device=device)
         lengths = self.window_lengths
         for length in set(lengths[lengths > 0].tolist()):  # envs with equally long windows run together
-            envs = rows(np.flatnonzero(lengths == length), device)
+            envs = rows_of(np.flatnonzero(lengths == length), device)
             h, _ = self.world_model.dynamics(self.window_z[envs, :length], self.window_actions[envs, :length])
             h = h[:, -1]  # (n, 512)
             z_actor = z_new[envs] if self.args.act_on_posterior else sample_latent(self.world_model.prior(h))
@@ -770,7 +770,7 @@ class Agent(nn.Module):
         """Each env's (z (1024,), a) joins its window; a full window drops its oldest pair first."""
         full = self.window_lengths == self.args.act_context_length
         if full.any():
-            envs = rows(np.flatnonzero(full), z.device)
+            envs = rows_of(np.flatnonzero(full), z.device)
             self.window_z[envs] = self.window_z[envs].roll(-1, 1)  # the oldest pair moves last, to be overwritten
             self.window_actions[envs] = self.window_actions[envs].roll(-1, 1)
         position = to_device(np.minimum(self.window_lengths, self.args.act_context_length - 1), z.device)  # (N,)
@@ -804,7 +804,7 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
-def rows(index: np.ndarray, device: torch.device) -> slice | torch.Tensor:
+def rows_of(index: np.ndarray, device: torch.device) -> slice | torch.Tensor:
     """Row indices (ascending) as a slice when they are consecutive (no copy), else as an index tensor on `device`."""
     if index[-1] - index[0] == len(index) - 1:
         return slice(int(index[0]), int(index[-1]) + 1)
@@ -915,18 +915,18 @@ class ReplayBuffer:
         inverse = inverse.reshape(-1, length)  # (B, length) or, without distinct_frames, empty
         if self.device.type == "cpu":  # numpy's gather: faster than torch's on a CPU
 
-            def gather(name: str, rows: np.ndarray) -> torch.Tensor:
-                return torch.from_numpy(getattr(self, name).numpy()[rows])
+            def gather(name: str, at: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(getattr(self, name).numpy()[at])
 
             frame_index = torch.from_numpy(inverse)
         else:  # one copy of the indices to the GPU, the steps gathered there
 
-            def gather(name: str, rows: torch.Tensor) -> torch.Tensor:
-                return getattr(self, name)[rows]
+            def gather(name: str, at: torch.Tensor) -> torch.Tensor:
+                return getattr(self, name)[at]
 
             packed = to_device(np.concatenate([index, distinct, inverse], axis=None), self.device)
-            index, distinct, frame_index = (p.view(a.shape) for p, a in zip(
-                packed.split([index.size, distinct.size, inverse.size]), (index, distinct, inverse), strict=True))
+            flat, distinct, frame_index = packed.split([index.size, distinct.size, inverse.size])
+            index, frame_index = flat.view(index.shape), frame_index.view(inverse.shape)
         batch = {k: gather(k, index) for k in ("actions", "rewards", "terminations")}
         if distinct_frames:
             batch["frames"], batch["frame_index"] = gather("obs", distinct), frame_index
@@ -967,8 +967,8 @@ def imagine_one_step(world_model: WorldModel, actor_critic: ActorCritic, z, h, s
 
 def compile_one_step():
     """`--compile`: imagine_one_step under torch.compile. On a GPU in CUDA graphs ("reduce-overhead": each call
-    replays one graph instead of launching each kernel; its random numbers come from the graph-safe CUDA
-    generator); elsewhere that mode is the default one. Compiles on first use, once: the shapes never change."""
+    replays one graph instead of launching each kernel; CUDA's generator is graph-safe, so each replay draws new
+    random numbers); elsewhere that mode is the default one. Compiles on first use, once: the shapes never change."""
     return torch.compile(imagine_one_step, mode="reduce-overhead")
 
 
