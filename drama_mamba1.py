@@ -937,9 +937,10 @@ class ReplayBuffer:
             batch["frames"], batch["frame_index"] = gather("obs", distinct), frame_index
         else:
             batch["obs"] = gather("obs", index)
-        if self.device.type == "cpu" and torch.device(device).type == "cuda":  # pinned host storage: copied over
+        to_gpu = torch.device(device).type == "cuda"  # to the host (a dream from a GPU buffer): a blocking copy
+        if self.device.type == "cpu" and to_gpu:  # pinned host storage: copied over
             batch = {k: v.pin_memory() for k, v in batch.items()}
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # already there: no copy
+        return {k: v.to(device, non_blocking=to_gpu) for k, v in batch.items()}  # already there: no copy
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the stored physical rows [:size] of every array (CPU tensors), next and size."""
