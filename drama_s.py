@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from utils import UserError, checkpoint, run_cli
+from utils import UserError, checkpoint, run_cli, runs
 from utils.atari import make_env
 from utils.checks import check_ranges
 from utils.dream import log_dream
@@ -747,6 +747,24 @@ class Agent(nn.Module):
         self.train(was_training)
         return actions.cpu().numpy()
 
+    def window_state(self) -> dict[str, torch.Tensor]:
+        """The acting windows, for a checkpoint: "{i}.z" (T, 1024) and "{i}.actions" (T,) of each non-empty
+        window i, oldest pair first."""
+        state = {}
+        for i, window in enumerate(self.windows):
+            if window:
+                state[f"{i}.z"] = torch.stack([z for z, _ in window])
+                state[f"{i}.actions"] = torch.stack([a for _, a in window])
+        return state
+
+    def load_window_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back the windows `window_state` gave (a window it lacks stays empty)."""
+        device = next(self.parameters()).device
+        for i, window in enumerate(self.windows):
+            window.clear()
+            if f"{i}.z" in state:
+                window.extend(zip(state[f"{i}.z"].to(device), state[f"{i}.actions"].to(device), strict=True))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Replay buffer with dynamic frequency-based sampling (paper 2.4)
@@ -840,6 +858,18 @@ class ReplayBuffer:
         tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
         return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
 
+    def state_dict(self) -> dict:
+        """For a checkpoint: each array's stored rows [:size] (physical order) as a CPU tensor, `next` and `size`."""
+        arrays = {name: value for name, value in vars(self).items() if isinstance(value, np.ndarray)}
+        return {**{name: torch.from_numpy(array[: self.size]) for name, array in arrays.items()},
+                "next": self.next, "size": self.size}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next, self.size = state["next"], state["size"]
+        for name, array in vars(self).items():
+            if isinstance(array, np.ndarray):
+                array[: self.size] = state[name].numpy()
+
 
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
@@ -928,14 +958,14 @@ def make_optimizer(parameters, lr: float, warmup: int):
 
 def main(args: Args) -> None:
     # TRY NOT TO MODIFY: resuming, checks, run folder, device, precision, seeding, logging
-    args, saved = checkpoint.resume(args, VARIANT)  # --resume: the saved run's settings and training state
+    args, saved = runs.resume(args, VARIANT)  # --resume: the saved run's settings and training state
     check_args(args)
     run_name, run_dir, device, autocast = start_run(args, saved)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    writer = start_logging(args, run_name, run_dir, purge_step=saved[1]["global_step"] if saved else None)
+    writer = start_logging(args, run_name, run_dir, purge_step=saved.global_step if saved else None)
 
     # TRY NOT TO MODIFY: env setup
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
@@ -954,20 +984,18 @@ def main(args: Args) -> None:
     first_step, updates, update_budget, episode_start = 0, 0, 0.0, True
     recent_returns, action_history = deque(maxlen=5), []
 
-    def loop_state(global_step: int) -> dict:  # what --resume needs, gathered when a checkpoint is written or read
-        return dict(agent=agent, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer,
-                    ac_scheduler=ac_scheduler, buffer=buffer, rng=rng, window=agent.windows,
-                    action_history=action_history, recent_returns=recent_returns, global_step=global_step,
-                    updates=updates, update_budget=update_budget, episode_start=episode_start, run_name=run_name,
-                    args=args)  # fmt: skip
+    def training_state(global_step: int) -> checkpoint.TrainingState:  # what --resume needs, when saved or read
+        return checkpoint.TrainingState(args, run_name, agent, wm_optimizer, wm_scheduler, ac_optimizer, ac_scheduler,
+                                        buffer, rng, action_history, recent_returns, global_step, updates,
+                                        update_budget, episode_start)  # fmt: skip
 
     if saved:  # the loop's objects get their saved state back, the env replays the saved actions
-        first_step, updates, update_budget, episode_start, obs = checkpoint.resume_loop(loop_state(0), saved, env)
+        first_step, updates, update_budget, episode_start, obs = checkpoint.resume_loop(training_state(0), saved, env)
     else:
         obs, _ = env.reset(seed=args.seed)
     progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
     step, checkpointed = first_step, first_step if saved else None  # env steps taken; of the last checkpoint
-    stop = checkpoint.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
+    stop = runs.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
     for global_step in range(first_step, args.total_timesteps):
         # ALGO LOGIC: collect (random actions before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
@@ -1006,7 +1034,7 @@ def main(args: Args) -> None:
         # TRY NOT TO MODIFY: checkpoint, progress line, stop
         step = global_step + 1
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+            checkpoint.save_training_state(run_dir, training_state(step), VARIANT)
             checkpointed = step
         progress.step(global_step, updates, recent_returns, writer)
         if stop.signal:
@@ -1015,12 +1043,12 @@ def main(args: Args) -> None:
 
     # TRY NOT TO MODIFY: save (a stopped run always saves its state), evaluate, upload
     if (args.checkpoint_every or stop.signal) and checkpointed != step:
-        checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+        checkpoint.save_training_state(run_dir, training_state(step), VARIANT)
     agent_path = checkpoint.save_agent(agent, args, run_dir, VARIANT) if args.save_model else None
     stop.restore()  # from here on, Ctrl-C aborts at once: the run is saved
     if stop.signal:
         writer.close()
-        raise checkpoint.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
+        raise runs.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
     if args.eval_episodes:
         final_evaluation(agent, args, run_dir, writer)
     writer.close()  # flush every event before the upload

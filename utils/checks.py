@@ -1,4 +1,5 @@
-"""The argument checks every drama_*.py script shares: ranges of the run's settings, by field name.
+"""The run's settings that every drama_*.py script shares the handling of: their ranges, by field name
+(`check_ranges`), and a saved run's settings read back into its `Args` (`args_from_config`).
 
 Each failure is a one-line UserError `--flag-name ...: how to fix`. The checks about the model itself (head
 dimension, context length, encoder filters, DFS temperatures) stay in the scripts' `check_args`.
@@ -55,7 +56,7 @@ def _expected_type(value, hint) -> str | None:
 
 def check_config(args_class, config: dict, path) -> None:
     """Refuse an args.json whose fields do not fit `args_class` (the variant's Args): one line naming the field
-    and the file, before any model is built from it. Keys Args does not know are ignored (as `_build_args`)."""
+    and the file, before any model is built from it. Keys Args does not know are ignored (as `args_from_config`)."""
     hints = typing.get_type_hints(args_class)
     for field in dataclasses.fields(args_class):
         if field.name in config:
@@ -65,6 +66,16 @@ def check_config(args_class, config: dict, path) -> None:
                     f"{path}: {field.name!r} is {json.dumps(config[field.name])}, but {args_class.__name__}."
                     f"{field.name} needs {expected}: fix it or re-save the agent"
                 )
+
+
+def args_from_config(args_class, config: dict, path):
+    """`args_class` (a script's Args) from a saved run's settings: its args.json, or the "args" its checkpoint holds.
+    Each field's type is checked first (`check_config`, errors name `path`); JSON lists become tuples; keys
+    `args_class` does not know (`variant`, `action_dim`, a field a script no longer has) are left out, and fields
+    the saved run lacks take their defaults. The script's range checks are for the caller (`check_args`)."""
+    check_config(args_class, config, path)
+    fields = {field.name for field in dataclasses.fields(args_class)}
+    return args_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
 
 
 def flag(field: str) -> str:
