@@ -21,24 +21,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VARIANTS, tiny_args
 
 import utils
 from utils.atari import make_env
 from utils.checkpoint import read_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling"]
-EXISTING = [v for v in VARIANTS if (ROOT / f"{v}.py").exists()]
-MAMBA2 = [v for v in EXISTING if v in ("drama_xs", "drama_s")]
-MAMBA1 = [v for v in EXISTING if v == "drama_mamba1"]
-WITH_DFS = [v for v in EXISTING if v != "drama_uniform_sampling"]
-WITH_HEADDIM = [v for v in EXISTING if v != "drama_mamba1"]  # Mamba-2 mixers (headdim is a Mamba-2 setting)
+MAMBA2 = [v for v in VARIANTS if v in ("drama_xs", "drama_s")]
+WITH_HEADDIM = [v for v in VARIANTS if v != "drama_mamba1"]  # Mamba-2 mixers (headdim is a Mamba-2 setting)
 F64 = torch.float64
-
-
-@pytest.fixture(params=EXISTING, scope="module")
-def mod(request):
-    return importlib.import_module(request.param)
 
 
 @pytest.fixture(params=MAMBA2, scope="module")
@@ -46,42 +38,9 @@ def mamba2_mod(request):
     return importlib.import_module(request.param)
 
 
-@pytest.fixture(params=WITH_DFS, scope="module")
-def dfs_mod(request):
-    return importlib.import_module(request.param)
-
-
 @pytest.fixture(params=WITH_HEADDIM, scope="module")
 def headdim_mod(request):
     return importlib.import_module(request.param)
-
-
-def tiny_args(mod, **overrides):
-    """A small but complete configuration (fields a variant's Args lacks are left out)."""
-    kwargs = dict(
-        env_id="ALE/Pong-v5",
-        encoder_filters=(4, 8, 8, 8, 8),
-        stoch_categoricals=4,
-        stoch_classes=4,
-        d_model=32,
-        d_state=8,
-        headdim=16,
-        chunk_size=8,
-        head_hidden=16,
-        actor_hidden=16,
-        critic_hidden=16,
-        batch_size=2,
-        sequence_length=16,
-        random_steps=16,
-        buffer_size=1000,
-        imagine_batch_size=8,
-        imagine_context_length=4,
-        imagine_horizon=4,
-        act_context_length=4,
-    )
-    kwargs.update(overrides)
-    fields = {f.name for f in dataclasses.fields(mod.Args)}
-    return mod.Args(**{k: v for k, v in kwargs.items() if k in fields})
 
 
 def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
@@ -308,9 +267,7 @@ def test_mamba2_parameter_names_and_shapes_match_mamba_ssm(mamba2_mod):
 
 def test_mamba1_variant_builds_mamba1_blocks():
     """drama_mamba1's blocks hold the Mamba-1 mixer (its names and shapes are checked in test_mamba1.py)."""
-    if not MAMBA1:
-        pytest.skip("drama_mamba1.py is not in the repository yet")
-    mod = importlib.import_module(MAMBA1[0])
+    mod = importlib.import_module("drama_mamba1")
     mixer = mod.MambaBlock(tiny_args(mod, d_model=512, d_state=16, d_conv=4, expand=2)).mixer
     assert type(mixer).__name__ == "Mamba1"
     assert sum(p.numel() for p in mixer.parameters()) == 1_694_720
@@ -344,7 +301,7 @@ def test_dynamics_step_equals_forward(mod):
 
 
 # ==========================================================================================================
-# 4. World-model parameter counts (DESIGN.md reference numbers)
+# 4. World-model parameter counts (the published code's, and the paper's "7M" XS model, section 3.1)
 # ==========================================================================================================
 PUBLISHED = {
     "encoder": 232_272,
@@ -393,7 +350,7 @@ def test_world_model_parameter_counts(mod):
         assert mod.Args().headdim == 128  # the paper's Table 3
         default_args = tiny_args(mod, **XS, headdim=mod.Args().headdim, chunk_size=64)
         default = mod.WorldModel(default_args, action_dim=6).parameter_counts()["total"]
-        # 7,147,219: the paper's "7M" XS model (DESIGN: "about 7.2M"); 2.1% above 7,000,000
+        # 7,147,219: the paper's "7M parameters" XS model (section 3.1); 2.1% above 7,000,000
         assert default == 7_147_219 and abs(default - 7e6) / 7e6 < 0.03
 
 
@@ -1301,7 +1258,7 @@ def replay_game(env_id: str, seed: int, actions: list[int]) -> dict[str, np.ndar
     return {key: np.array(value) for key, value in steps.items()}
 
 
-@pytest.mark.parametrize("variant", EXISTING)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_end_to_end_training_run(variant, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -1323,9 +1280,9 @@ def test_end_to_end_training_run(variant, tmp_path):
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith(f"Breakout-v5__{variant}__5__")
     run_dir = run_dirs[0]
     # the replay buffer holds what the game did: a lost life is a termination target, the game goes on
-    tensors, saved = read_training_state(str(run_dir), variant)
-    actions = tensors["action_history"].tolist()
-    assert len(actions) == 300 and saved["global_step"] == 300
+    saved = read_training_state(str(run_dir), variant)
+    tensors, actions = saved.tensors, saved.tensors["action_history"].tolist()
+    assert len(actions) == 300 and saved.global_step == 300
     game = replay_game("ALE/Breakout-v5", 5, actions)
     episode_ends = np.flatnonzero(game["terminated"])
     assert len(episode_ends) == 2 and (game["life_loss"] & ~game["terminated"]).sum() >= 3  # the run's premise
@@ -1378,7 +1335,7 @@ def test_end_to_end_training_run_compiled(tmp_path):
 BAD_FLAGS = [(["--batch-size", "-1"], "--batch-size"), (["--env-id", "ALE/Krul-v5"], "Krull")]
 
 
-@pytest.mark.parametrize("variant", EXISTING)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("flags, words", BAD_FLAGS, ids=["negative-batch", "typo-env"])
 def test_bad_flags_exit_with_one_line_error(variant, flags, words, tmp_path, monkeypatch, capsys):
     """The script's __main__ block, run in this process (a subprocess per case costs ~8 s of imports)."""

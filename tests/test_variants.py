@@ -1,4 +1,5 @@
-"""Each variant script is drama_xs.py plus its ablation and nothing else (DESIGN.md, "Files").
+"""Each variant script is drama_xs.py plus its ablation (the paper's 3.2 and 3.3: uniform sampling instead of DFS,
+Mamba-1 instead of Mamba-2, the S model) and nothing else.
 
 A fix that lands in drama_xs.py but not in a variant (or the reverse) shows up here as a changed line
 outside the variant's ablation region.
