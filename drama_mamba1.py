@@ -202,7 +202,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Mirror of the encoder: linear -> its last map, transposed convs through the filters reversed, a last to RGB."""
+    """Mirror of the encoder: linear -> its last map, transposed convs through the filters reversed, one to RGB."""
 
     def __init__(self, filters: tuple[int, ...], latent_dim: int):
         super().__init__()
@@ -700,8 +700,9 @@ class ActorCritic(nn.Module):
         # steps after an imagined termination count for nothing.
         actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
         critic_logits = critic_logits[:, :-1]  # (b, v, bins): the states whose returns are known
-        # the slow critic regularises through lambda-returns bootstrapped from its values, as the published code;
-        # DreamerV3 ("Critic learning") regularises towards the slow critic's own prediction at each state.
+        # the slow critic regularises the critic through a second target, the lambda-returns bootstrapped from the slow
+        # values (same rewards and continuations), as the published code; DreamerV3 ("Critic learning") regularises
+        # towards the slow critic's own prediction at each state instead.
         critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
         return actor_loss + critic_loss, dict(actor_loss=actor_loss, critic_loss=critic_loss, entropy=entropy.mean(),
                                               return_scale=scale, imagined_return=returns.mean())  # fmt: skip
@@ -720,8 +721,7 @@ def nearest_rank(x: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def lambda_returns(rewards, continuations, values, gamma: float, lam: float) -> torch.Tensor:
-    """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), and R = V after the last of the v steps
-    (DreamerV3 eq. 7).
+    """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), R_v = V_v (DreamerV3 eq. 7; v the horizon).
 
     rewards, continuations (b, v); values (b, v+1) -> returns (b, v).
     """
