@@ -113,7 +113,7 @@ def test_fused_forward_matches_mamba_ssm_fused_module(fused_calls):
 @needs_fused
 def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls, monkeypatch):
     """The hand-off the imagination relies on: a fused forward's states continue exactly as the whole sequence
-    would, by `step` (pure PyTorch) and by a fused forward from a given state (initial_states)."""
+    would, by `forward_token` (pure PyTorch) and by a fused forward from a given state (initial_states)."""
     ours = perturbed_mixer()
     x = torch.randn(2, 200, 512, device=CUDA)
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls, 
         continued, _ = ours(x[:, 150:], state)
         stepped = []
         for t in range(150, 200):
-            y, state = ours.step(x[:, t], state)
+            y, state = ours.forward_token(x[:, t], state)
             stepped.append(y)
     assert len(fused_calls) == 2
     assert rel_err(continued, expected[:, 150:]) < 3e-3

@@ -129,7 +129,7 @@ def test_mixer_forward_equals_step_by_step(mod):
     step_state = mixer.allocate_state(2, dtype=F64)
     ys = []
     for t in range(u.shape[1]):
-        y_t, step_state = mixer.step(u[:, t], step_state)
+        y_t, step_state = mixer.forward_token(u[:, t], step_state)
         ys.append(y_t)
     torch.testing.assert_close(torch.stack(ys, 1), y, **TOL)
     assert_states_close(step_state, state, **TOL)
@@ -141,13 +141,13 @@ def test_float64_mixer_computes_in_float64(mod):
     """At least fp32 (bf16 autocast -> fp32) must not mean fp32: a float64 mixer stays float64 in forward and step."""
     mixer = mixer_f64(mod)
     u = randn(2, 5, 32, seed=7)
-    _, carried = mixer(u[:, :4])  # a non-zero state for `step` to decay
+    _, carried = mixer(u[:, :4])  # a non-zero state for `forward_token` to decay
     runs = []
     for scale in (1.0, 1 + 1e-10):  # a change of A far below fp32's resolution (6e-8)
         with torch.no_grad():
             mixer.A_log.mul_(scale)
         y, state = mixer(u)
-        y_step, step_state = mixer.step(u[:, 4], carried)
+        y_step, step_state = mixer.forward_token(u[:, 4], carried)
         assert {t.dtype for t in (y, *state, y_step, *step_state)} == {F64}
         runs.append((y, y_step))
     assert not torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][1], runs[1][1])
@@ -165,7 +165,7 @@ def test_mixer_chunked_continuation_from_carried_state(mod, split):
     # forward(prefix), then one step at a time
     step_state, ys = state1, [y1]
     for t in range(split, u.shape[1]):
-        y_t, step_state = mixer.step(u[:, t], step_state)
+        y_t, step_state = mixer.forward_token(u[:, t], step_state)
         ys.append(y_t[:, None])
     torch.testing.assert_close(torch.cat(ys, 1), y, **TOL)
     assert_states_close(step_state, state, **TOL)
@@ -286,7 +286,7 @@ def test_dynamics_step_equals_forward(mod):
     assert h.shape == (2, 13, 32) and len(states) == 2
     state, hs = dynamics.allocate_state(2, dtype=F64), []
     for t in range(13):
-        h_t, state = dynamics.step(z[:, t], a[:, t], state)
+        h_t, state = dynamics.forward_token(z[:, t], a[:, t], state)
         hs.append(h_t)
     torch.testing.assert_close(torch.stack(hs, 1), h, **TOL)
     assert_states_close(state, states, **TOL)
@@ -582,15 +582,15 @@ class StubDynamics:
     """h = [last action fed, time index, 1]: the reward read from h is a function of the last action."""
 
     def __init__(self):
-        self.step_inputs = []
+        self.token_inputs = []
 
     def __call__(self, z, actions):
         batch, length = actions.shape
         t = torch.arange(length, dtype=F64).expand(batch, length)
         return torch.stack([actions.double(), t, torch.ones_like(t)], -1), {"t": length - 1}
 
-    def step(self, z, action, state):
-        self.step_inputs.append((z.clone(), action.clone()))
+    def forward_token(self, z, action, state):
+        self.token_inputs.append((z.clone(), action.clone()))
         t = state["t"] + 1
         h = torch.stack(
             [action.double(), torch.full_like(action, t, dtype=F64), torch.ones(len(action), dtype=F64)], -1
@@ -637,7 +637,7 @@ def test_imagine_pairs_each_action_with_the_state_after_it(mod):
     latent = CATS * CLASSES
     assert features.shape == (batch, horizon + 1, latent + H_DIM)
     assert actions.shape == rewards.shape == continuations.shape == (batch, horizon)
-    assert len(actor_critic.inputs) == len(world_model.dynamics.step_inputs) == horizon
+    assert len(actor_critic.inputs) == len(world_model.dynamics.token_inputs) == horizon
     # s_0 = (z_0 ~ prior(h_ctx), h_ctx): h_ctx is the last context output
     torch.testing.assert_close(
         features[:, 0, latent:], torch.tensor([0.0, context - 1, 1.0], dtype=F64).expand(batch, 3)
@@ -645,7 +645,7 @@ def test_imagine_pairs_each_action_with_the_state_after_it(mod):
     for i in range(horizon):
         # a_i is chosen from s_i, and the dynamics step takes (z_i, a_i)
         torch.testing.assert_close(actor_critic.inputs[i], features[:, i])
-        z_in, a_in = world_model.dynamics.step_inputs[i]
+        z_in, a_in = world_model.dynamics.token_inputs[i]
         torch.testing.assert_close(z_in, features[:, i, :latent])
         assert torch.equal(a_in, actions[:, i])
         # z_i ~ prior(h_i)
@@ -722,7 +722,7 @@ NEEDS_COMPILER = pytest.mark.skipif(
 @NEEDS_COMPILER
 def test_compiled_imagination_step_matches_eager(mod):
     """--compile: imagine with torch.compile(imagine_step) imagines what the eager step does, compiled once (step 0
-    gets the states of `forward`, later steps those of `step`: same dtypes and layouts, no second compile)."""
+    gets the states of `forward`, later steps those of `forward_token`: same dtypes and layouts, no second compile)."""
     args = tiny_args(mod)
     torch.manual_seed(0)
     world_model = mod.WorldModel(args, 5).eval()

@@ -66,7 +66,7 @@ class StubDynamics(nn.Module):
         count = torch.arange(1, z.shape[1] + 1, dtype=torch.float32).expand(z.shape[0], -1)  # (B, L)
         return count[..., None], count[:, -1]  # h (B, L, 1), state: inputs seen
 
-    def step(self, z, action, state):
+    def forward_token(self, z, action, state):
         return (state + 1)[:, None], state + 1
 
 

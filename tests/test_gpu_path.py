@@ -136,7 +136,7 @@ def test_forward_returns_fp32_contiguous_states_under_bf16_autocast(mod):
         assert y.dtype == torch.bfloat16  # autocast did run the projections in bf16
         for tensor in state:
             assert tensor.dtype == torch.float32 and tensor.is_contiguous()
-        _, stepped = mixer.step(u[:, 0], state)
+        _, stepped = mixer.forward_token(u[:, 0], state)
         for before, after in zip(state, stepped, strict=True):
             assert after.dtype == torch.float32 and after.is_contiguous() and after.shape == before.shape
     _, state = mixer.double()(u.double())

@@ -91,7 +91,7 @@ def test_step_matches_forward(prefix):
     ys = []
     for t in range(prefix, x.shape[1]):
         old = [s.clone() for s in state]
-        y_t, new_state = m.step(x[:, t], state)
+        y_t, new_state = m.forward_token(x[:, t], state)
         assert all(torch.equal(a, b) for a, b in zip(old, state, strict=True)), "step must not modify its input state"
         ys.append(y_t)
         state = new_state

@@ -16,7 +16,7 @@ writes to --out (default videos/dream__{Game}__{exp_name}__{seed}):
 
 Alignment (paper 2.2.2, eq. 5): h_t = f(z_<=t, a_<=t) gives the prior over z_{t+1} and the reward r_t of a_t. Over the
 context steps t < C the dynamics runs on posterior latents of real frames; then, for t = C .. T-1,
-z_t ~ prior(h_{t-1}) and h_t = dynamics.step(z_t, a_t). The imagined frame at horizon k (k = 1, 2, ...) is
+z_t ~ prior(h_{t-1}) and h_t = dynamics.forward_token(z_t, a_t). The imagined frame at horizon k (k = 1, 2, ...) is
 decoder(z_{C-1+k}), its predicted reward reward(h_{C-1+k}): the reward of the real action a_{C-1+k} taken at
 that frame, predicted from a state that has seen k imagined latents.
 

@@ -49,7 +49,7 @@ def imagine_open_loop(world_model, z_context: torch.Tensor, actions: torch.Tenso
     zs, rewards, h = [z_context], [world_model.reward(h)], h[:, -1]  # h_{C-1}
     for t in range(context, actions.shape[1]):
         z = latent(world_model.prior(h), sample)  # z_t ~ prior(h_{t-1}): (B, L)
-        h, state = world_model.dynamics.step(z, actions[:, t], state)  # h_t: (B, D)
+        h, state = world_model.dynamics.forward_token(z, actions[:, t], state)  # h_t: (B, D)
         zs.append(z[:, None])
         rewards.append(world_model.reward(h)[:, None])
     return torch.cat(zs, 1), torch.cat(rewards, 1)

@@ -100,7 +100,7 @@ def play_interactive(
     context: (obs (C, 64, 64, 3) uint8, actions (C,)) real steps, or a callable returning one (called again on R).
     key_source: an iterable giving, once per frame, the keys held: a name, a collection of names or None (see
     `key_action`; "r" restarts from a fresh context, "escape" quits); None reads the keyboard. The first frame
-    is decoder(z_C), z_C ~ prior(h_{C-1}) after the context; each next frame takes one dynamics.step with the
+    is decoder(z_C), z_C ~ prior(h_{C-1}) after the context; each next frame takes one dynamics.forward_token with the
     chosen action. Stops after `steps` steps (None: when key_source ends or on Escape), at `fps` frames per
     second (0: as fast as possible). Returns the frames shown, (64, 64, 3) uint8 each: 1 + steps + restarts.
     Headless: set SDL_VIDEODRIVER=dummy.
@@ -150,7 +150,7 @@ def play_interactive(
                 show(z, "DRAMA dream: fresh real context")
                 continue
             action = key_action(keys, action_meanings)
-            h, state = world_model.dynamics.step(z, torch.tensor([action], device=device), state)
+            h, state = world_model.dynamics.forward_token(z, torch.tensor([action], device=device), state)
             reward = float(world_model.reward(h)[0])
             total += reward
             z = latent(world_model.prior(h), sample)
