@@ -1,5 +1,10 @@
-"""GPU checks, skipped without CUDA (the Mamba-1 kernel check is in test_mamba1.py; the CPU-checkable parts of the
-CUDA path are in test_gpu_path.py).
+"""What only a GPU can show, skipped without CUDA: mamba_ssm's fused Mamba-2 scan against mamba_ssm's own Mamba2
+module and against our pure-PyTorch scan at the XS size, bf16 on the GPU, a full update, dream, save, load and
+resume on CUDA, and a compiled imagination step that compiles once. benchmarks/gpu_check.py runs this file.
+
+Elsewhere: the CUDA path's logic that a CPU can check (which scan runs and why, the compiler check, the cache
+folders, mixer states) in test_gpu_path.py; the fused scan's maths on a CPU under Triton's interpreter in
+test_fused_scan.py; the Mamba-1 kernel in test_mamba1.py.
 
 TF32 is off in every test here (cuDNN convolutions default to it; its 10-bit mantissa alone moves results by
 ~1e-3). mamba_ssm's Triton kernels may still use TF32 dot products inside for fp32 inputs, so a fused result is
@@ -24,7 +29,7 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 needs_fused = pytest.mark.skipif(
     not HAS_CUDA or drama_xs.mamba_chunk_scan_combined is None,
-    reason=f"needs a CUDA GPU and mamba_ssm (README: On a CUDA machine); scan here: {drama_xs.scan_backend(CUDA)}",
+    reason=f"needs a CUDA GPU and mamba_ssm (docs/gpu.md); scan here: {drama_xs.scan_backend(CUDA)}",
 )
 
 
@@ -111,15 +116,15 @@ def test_fused_forward_matches_mamba_ssm_fused_module(fused_calls):
 
 
 @needs_fused
-def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls, monkeypatch):
+def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls):
     """The hand-off the imagination relies on: a fused forward's states continue exactly as the whole sequence
     would, by `step` (pure PyTorch) and by a fused forward from a given state (initial_states)."""
     ours = perturbed_mixer()
     x = torch.randn(2, 200, 512, device=CUDA)
     with torch.no_grad():
-        with monkeypatch.context() as pure:
-            pure.setattr(drama_xs, "mamba_chunk_scan_combined", None)
-            expected, _ = ours(x)  # our pure-PyTorch chunked scan, on the GPU
+        ours.fused_scan_on = None
+        expected, _ = ours(x)  # our pure-PyTorch chunked scan, on the GPU
+        ours.fused_scan_on = "cuda"
         _, state = ours(x[:, :150])
         continued, _ = ours(x[:, 150:], state)
         stepped = []
@@ -132,7 +137,7 @@ def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls, 
 
 
 @needs_fused
-def test_fused_gradients_match_pure_pytorch(fused_calls, monkeypatch):
+def test_fused_gradients_match_pure_pytorch(fused_calls):
     ours = perturbed_mixer()
     x = torch.randn(2, 200, 512, device=CUDA)
     weights = torch.randn(2, 200, 512, device=CUDA)
@@ -146,7 +151,7 @@ def test_fused_gradients_match_pure_pytorch(fused_calls, monkeypatch):
 
     fused = gradients()
     assert fused_calls
-    monkeypatch.setattr(drama_xs, "mamba_chunk_scan_combined", None)
+    ours.fused_scan_on = None
     pure = gradients()
     for name, grad in pure.items():
         assert rel_err(fused[name], grad) < 1e-2, name

@@ -1,6 +1,7 @@
 """What every drama_*.py script shares about running, not about the algorithm: the run's options (`RunOptions`,
 which each script's `Args` extends with the paper's hyperparameters) and its start (`start_run`)."""
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -67,16 +68,32 @@ class RunOptions:
     updates (0: never)"""
 
 
-def start_run(args, saved) -> tuple[str, str, torch.device, torch.autocast]:
-    """Check the env id, the device and (for `--compile`) the compiler, then claim the run folder (unique and
-    locked: made after every check), set the CPU threads and the precision (printed, with why).
+def compile_cache_folders() -> dict[str, str]:
+    """Keep Triton's and Inductor's compiled kernels (and Triton's autotuning choices) in a folder that survives
+    between runs, so that a machine pays the first-call compiles once: $XDG_CACHE_HOME/drama (default
+    ~/.cache/drama), where the user has not named other folders. Sets them in os.environ; returns the variables."""
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "drama")
+    defaults = {
+        "TRITON_CACHE_DIR": os.path.join(root, "triton"),  # Triton's own default: ~/.triton/cache
+        "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),  # inductor's default: /tmp/torchinductor_<user>
+        "TRITON_CACHE_AUTOTUNING": "1",  # autotuning timings on disk (Triton >= 3.4), not rerun in every process
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in defaults}
+
+
+def start_run(args, saved, triton_scan: bool = False) -> tuple[str, str, torch.device, torch.autocast]:
+    """Check the env id, the device and the compiler (for `--compile`, and on CUDA for a `triton_scan`: the fused
+    Mamba-2 scan), then claim the run folder (unique and locked: made after every check), set the compile cache
+    folders (`compile_cache_folders`), the CPU threads and the precision (printed, with why).
     `saved`: the training state of a `--resume` run, else None. Returns (run name, run folder, device, autocast)."""
     check_env_id(args.env_id)
     run_name = saved[1]["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     device = resolve_device(args.device)
-    if args.compile:
-        check_compiler(device)
+    check_compiler(device, args.compile, triton_scan)
     run_dir, run_name = checkpoint.run_folder(args, run_name)
+    compile_cache_folders()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     precision, why = precision_of(args.precision, device)
