@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton can only interpret here, and triton.jit reads this when a kernel (its own
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # library's too) is defined: before anything imports triton
 
 
 @pytest.fixture(autouse=True, scope="session")
