@@ -33,10 +33,10 @@ NEEDS = [
     "packaging",
 ]
 MAMBA_SSM = "mamba-ssm==2.3.2.post1"
-# dependencies that the check never imports (removed after the install, to stay under the limit): tensorboard's
-# gRPC server and setuptools, huggingface-hub's optional Xet downloader; numpy comes with the GPU image's torch
-# stack (--with-numpy keeps it)
-UNUSED = ["grpcio", "setuptools", "hf_xet"]
+# what the check never imports (removed after the install, to stay under the limit): tensorboard's gRPC server,
+# huggingface-hub's optional Xet downloader; setuptools where torch itself requires it (Python 3.12 and later:
+# Inductor imports it); numpy comes with the GPU image's torch stack (--with-numpy keeps it)
+UNUSED = ["grpcio", "hf_xet"]
 UNUSED_FILES = ["tensorboard/webfiles.zip", "tensorboard/plugins/projector/tf_projector_plugin/projector_binary.js"]
 # ^ TensorBoard's web app: the node writes logs, it serves no pages
 LIMIT_MIB = 64
@@ -90,7 +90,8 @@ def main() -> None:
     subprocess.run(pip + wheels + NEEDS, check=True)
     env = {**os.environ, "MAMBA_SKIP_CUDA_BUILD": "TRUE", "MAMBA_FORCE_BUILD": "TRUE"}  # offline: no wheel download
     subprocess.run(pip + ["--no-build-isolation", "--no-deps", MAMBA_SSM], check=True, env=env)
-    for name in UNUSED + ([] if args.with_numpy else ["numpy"]):
+    torch_brings_setuptools = tuple(map(int, args.python_version.split(".")[:2])) >= (3, 12)
+    for name in UNUSED + ([] if args.with_numpy else ["numpy"]) + (["setuptools"] if torch_brings_setuptools else []):
         remove_distribution(args.folder, name)
     for path in UNUSED_FILES:
         with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -90,13 +91,19 @@ def test_start_up_line_says_which_scan_runs_and_why(variant, tmp_path, monkeypat
     assert working.TRITON_SCAN == (variant != "drama_mamba1")  # start_run then asks for a C compiler on CUDA
 
 
-def test_mamba1_without_selective_scan_cuda_is_unavailable(tmp_path, monkeypatch):
-    """On mamba_ssm main the import succeeds and the first fused call would raise: fall back, and say why."""
-    mamba1 = load_with_fake_mamba_ssm("drama_mamba1", WITHOUT_SELECTIVE_SCAN_CUDA, tmp_path, monkeypatch)
+@pytest.mark.parametrize("interface", ["optional", "required"])
+def test_mamba1_without_selective_scan_cuda_is_unavailable(interface, tmp_path, monkeypatch):
+    """A build without the CUDA extensions: 2.3.2.post1's import fails, mamba_ssm main's succeeds and the first
+    fused call would raise. Both fall back, and say why."""
+    files = WITHOUT_SELECTIVE_SCAN_CUDA
+    if interface == "required":
+        source = "raise ModuleNotFoundError(\"No module named 'selective_scan_cuda'\", name='selective_scan_cuda')"
+        files = files | {"mamba_ssm/ops/selective_scan_interface.py": source}
+    mamba1 = load_with_fake_mamba_ssm("drama_mamba1", files, tmp_path, monkeypatch)
     assert mamba1.selective_scan_fn is None
     assert mamba1.scan_backend(CUDA) == (
-        "pure PyTorch (mamba_ssm failed: built without selective_scan_cuda: reinstall it with "
-        "MAMBA_KEEP_CUDA_BUILD=TRUE)"
+        "pure PyTorch (mamba_ssm was built without its CUDA extension selective_scan_cuda: drama_mamba1.py's fused "
+        "scan needs mamba-ssm's full build (docs/gpu.md))"
     )
     xs = load_with_fake_mamba_ssm("drama_xs", WITHOUT_SELECTIVE_SCAN_CUDA, tmp_path, monkeypatch)
     assert xs.scan_backend(CUDA) == "fused mamba_ssm 9.8.7"  # Mamba-2's Triton scan does not need it
@@ -160,6 +167,9 @@ def test_triton_on_cuda_without_a_c_compiler_is_a_one_line_error(monkeypatch):
     check_compiler(CUDA, compile=True, triton_scan=True)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):  # the CPU needs C++, not C
         check_compiler(CPU, compile=True)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": "/nonexistent/include/python3"})
+    with pytest.raises(UserError, match="apt-get install python3-dev\\)$"):  # a system Python without its headers
+        check_compiler(CUDA, compile=False, triton_scan=True)
 
 
 def test_compile_cache_folders_default_under_the_user_cache_and_keep_the_users(monkeypatch, tmp_path):

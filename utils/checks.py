@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sysconfig
 import types
 import typing
 
@@ -119,6 +120,12 @@ def check_compiler(device, compile: bool, triton_scan: bool = False) -> None:
     if device.type != "cuda" or not (compile or triton_scan):
         return
     if os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"):
+        headers = sysconfig.get_paths()["include"]  # Triton's launchers include Python.h
+        if not os.path.exists(os.path.join(headers, "Python.h")):
+            raise UserError(
+                f"Triton on CUDA builds C launchers that need Python's C headers, and {headers} has no Python.h: "
+                "install them (apt-get install python3-dev)" + ("" if triton_scan else " or drop --compile")
+            )
         return
     if triton_scan:
         raise UserError(

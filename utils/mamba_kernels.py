@@ -62,10 +62,13 @@ def load_ssd_scan():
 def load_selective_scan():
     """(selective_scan_fn, None), or (None, why not): mamba_ssm's fused Mamba-1 scan (its compiled CUDA extension,
     which a mamba-ssm built with MAMBA_SKIP_CUDA_BUILD=TRUE lacks)."""
+    without = "mamba_ssm was built without its CUDA extension selective_scan_cuda: drama_mamba1.py's fused scan needs "
+    without += "mamba-ssm's full build (docs/gpu.md)"
     try:
         interface = _import_submodule("mamba_ssm.ops.selective_scan_interface")
-    except Exception as error:
-        return None, _failure(error)
-    if getattr(interface, "selective_scan_cuda", None) is None:  # optional after mamba_ssm 2.3.2.post1
-        return None, "mamba_ssm failed: built without selective_scan_cuda: reinstall it with MAMBA_KEEP_CUDA_BUILD=TRUE"
+    except Exception as error:  # 2.3.2.post1 imports the extension unconditionally
+        missing_extension = isinstance(error, ImportError) and error.name == "selective_scan_cuda"
+        return None, without if missing_extension else _failure(error)
+    if getattr(interface, "selective_scan_cuda", None) is None:  # an optional import after mamba_ssm 2.3.2.post1
+        return None, without
     return interface.selective_scan_fn, None
