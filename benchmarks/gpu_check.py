@@ -16,7 +16,7 @@ fails or runs out of time does not stop the later ones:
      its time limit: the projected hours of a 100k-step run at train ratio 1 (the paper's 1,032 random steps at the
      measured random-step speed) and the GPU's peak memory use (nvidia-smi).
 OUT_DIR receives every step's log and summary.json; Triton's and Inductor's caches go where the scripts put them
-(utils/runs.py: ~/.cache/drama unless TRITON_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR say otherwise), so the steps
+(utils/compile_cache.py: ~/.cache/drama unless TRITON_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR say otherwise), so the steps
 after the first compile reuse the kernels, and a second check on the same node compiles nothing.
 """
 
@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ElementTree
 
 import _common as C
 
-from utils.runs import compile_cache_folders
+from utils.compile_cache import compile_cache_folders
 
 TOTAL_TIMESTEPS = 100_000  # the projected run (Atari100k)
 PAPER_RANDOM_STEPS = 1032

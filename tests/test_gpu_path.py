@@ -20,8 +20,8 @@ import torch
 
 from utils import UserError
 from utils.checks import check_compiler
+from utils.compile_cache import compile_cache_folders
 from utils.mamba_kernels import load_ssd_scan
-from utils.runs import compile_cache_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling"]

@@ -13,6 +13,8 @@ import importlib.metadata
 import importlib.util
 import sys
 
+from utils.compile_cache import compile_cache_folders
+
 
 def mamba_ssm_version() -> str:
     """The installed mamba-ssm's version, from its package metadata (its __init__ is never run here)."""
@@ -53,6 +55,7 @@ def _failure(error: Exception) -> str:
 
 def load_ssd_scan():
     """(mamba_chunk_scan_combined, None), or (None, why not): mamba_ssm's fused Mamba-2 scan (Triton)."""
+    compile_cache_folders()  # before the kernels are defined: their autotuner reads TRITON_CACHE_AUTOTUNING then
     try:
         return _import_submodule("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined, None
     except Exception as error:  # not installed, or broken: an ABI mismatch, a Triton that does not import

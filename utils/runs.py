@@ -1,7 +1,6 @@
 """What every drama_*.py script shares about running, not about the algorithm: the run's options (`RunOptions`,
 which each script's `Args` extends with the paper's hyperparameters) and its start (`start_run`)."""
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -11,6 +10,7 @@ import torch
 from utils import checkpoint, resolve_device
 from utils.atari import check_env_id
 from utils.checks import check_compiler
+from utils.compile_cache import compile_cache_folders
 from utils.precision import autocast, precision_of
 
 
@@ -66,21 +66,6 @@ class RunOptions:
     dream_every: int = 5000
     """log a dream to TensorBoard (real | reconstructed | imagined video, imagination errors) every this many
     updates (0: never)"""
-
-
-def compile_cache_folders() -> dict[str, str]:
-    """Keep Triton's and Inductor's compiled kernels (and Triton's autotuning choices) in a folder that survives
-    between runs, so that a machine pays the first-call compiles once: $XDG_CACHE_HOME/drama (default
-    ~/.cache/drama), where the user has not named other folders. Sets them in os.environ; returns the variables."""
-    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "drama")
-    defaults = {
-        "TRITON_CACHE_DIR": os.path.join(root, "triton"),  # Triton's own default: ~/.triton/cache
-        "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),  # inductor's default: /tmp/torchinductor_<user>
-        "TRITON_CACHE_AUTOTUNING": "1",  # autotuning timings on disk (Triton >= 3.4), not rerun in every process
-    }
-    for name, value in defaults.items():
-        os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in defaults}
 
 
 def start_run(args, saved, triton_scan: bool = False) -> tuple[str, str, torch.device, torch.autocast]:
