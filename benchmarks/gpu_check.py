@@ -21,10 +21,12 @@ after the first compile reuse the kernels, and a second check on the same node c
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -67,7 +69,7 @@ print(json.dumps(info))
 """
 
 
-def run_step(name: str, command: list[str], out_dir: str, limit: float, env: dict, on_line=None) -> dict:
+def run_step(name: str, command: list[str], out_dir: str, limit: float, env: dict) -> dict:
     """Run one step as a subprocess, its output (stdout and stderr) into OUT_DIR/<name>.log, each line with the
     seconds since the step began; kill it at `limit` seconds. Returns status, seconds, log and the timed lines."""
     log_path = os.path.join(out_dir, f"{name}.log")
@@ -77,14 +79,16 @@ def run_step(name: str, command: list[str], out_dir: str, limit: float, env: dic
         log.flush()
         process = subprocess.Popen(command, cwd=C.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)  # fmt: skip
-        timer = threading.Timer(limit, lambda: os.killpg(process.pid, 9))
+        def stop():  # the step and whatever it started (its own process group)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+        timer = threading.Timer(limit, stop)
         timer.start()
         for line in process.stdout:
             lines.append((time.time() - start, line.rstrip("\n")))
             log.write(f"{lines[-1][0]:8.2f} {line}")
             log.flush()
-            if on_line:
-                on_line(line)
         process.wait()
         timer.cancel()
     seconds = time.time() - start
@@ -205,6 +209,8 @@ def main() -> None:
     for key in ("gpu", "driver", "torch", "cuda", "triton", "mamba_ssm", "c_compiler", "scan"):
         print(f"  {key}: {info.get(key)}")
     write_summary()
+    if not dry and info and not info.get("gpu"):
+        fail(f"torch {info.get('torch')} sees no CUDA GPU: use a CUDA build of torch on a GPU node, or --device cpu")
     if not dry and not str(info.get("scan", "")).startswith("fused"):
         why = info.get("scan") or f"step 0 failed, see {info_step['log']}"
         fail(f"the Mamba scan is not fused here ({why}): install CUDA torch, Triton and mamba-ssm, or set PYTHONPATH "

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -20,6 +21,16 @@ def test_check_refuses_a_folder_with_an_earlier_checks_logs(tmp_path):
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error:") and result.stderr.count("\n") == 1
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check runs in full (minutes)")
+def test_check_without_a_gpu_stops_after_what_runs_here_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "sees no CUDA GPU" in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error:") and result.stderr.count("\n") == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["machine"]["torch"] and "scan" in summary["machine"] and list(summary["steps"]) == ["info"]
 
 
 def test_bundle_asks_pip_for_every_older_manylinux_tag():
