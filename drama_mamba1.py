@@ -33,20 +33,14 @@ from utils.checks import check_ranges
 from utils.dream import log_dream
 from utils.evaluate import final_evaluation
 from utils.laprop import LaProp
+from utils.mamba_kernels import load_selective_scan, mamba_ssm_version
 from utils.progress import ProgressLine, start_logging
 from utils.runs import RunOptions, start_run
 
-try:  # fused CUDA kernel for the selective scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
-    import mamba_ssm
-    from mamba_ssm.ops import selective_scan_interface
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-    if getattr(selective_scan_interface, "selective_scan_cuda", None) is None:  # optional after mamba_ssm 2.3.2.post1
-        raise ImportError("built without selective_scan_cuda: reinstall it with MAMBA_KEEP_CUDA_BUILD=TRUE")
-    MAMBA_SSM_ERROR = None
-except ImportError as error:  # not installed, or installed but broken (an ABI mismatch, a missing extension)
-    selective_scan_fn = None
-    MAMBA_SSM_ERROR = "mamba_ssm is not installed" if error.name == "mamba_ssm" else f"mamba_ssm failed: {error}"
+# mamba_ssm's fused Mamba-1 scan (its compiled CUDA extension: mamba-ssm's full build), or None and why not: the
+# mixer then runs its pure-PyTorch scan
+selective_scan_fn, MAMBA_SSM_ERROR = load_selective_scan()
+TRITON_SCAN = False  # the Mamba-1 kernel is compiled CUDA code: no Triton compiles at run time
 
 VARIANT = os.path.basename(__file__)[: -len(".py")]  # recorded in saved agents and checkpoints
 
@@ -56,7 +50,7 @@ def scan_backend(device: torch.device) -> str:
     why = [] if device.type == "cuda" else [f"running on {device.type}"]
     if MAMBA_SSM_ERROR:
         why.append(MAMBA_SSM_ERROR)
-    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm.__version__}"
+    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm_version()}"
 
 
 @dataclass
@@ -330,6 +324,7 @@ class Mamba1(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)  # s_delta, s_B, s_C
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)  # broadcast of s_delta to E channels
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.fused_scan_on = "cuda" if selective_scan_fn is not None else None  # device type of the fused scan
 
         # dt_proj init as upstream: weight uniform +-R^-0.5, bias = softplus^-1(dt), dt log-uniform
         # in [1e-3, 1e-1] (floored at 1e-4), so softplus(bias) starts in the paper's range for delta
@@ -346,7 +341,7 @@ class Mamba1(nn.Module):
         self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """u: (b, l, d) -> y: (b, l, d) and the state after the last step, continuing from `state`."""
-        fused = state is None and u.is_cuda and selective_scan_fn is not None
+        fused = state is None and u.device.type == self.fused_scan_on
         conv_state, ssm_state = self.allocate_state(u.shape[0], u.device, u.dtype) if state is None else state
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, l, e) each: SSM branch and gate branch (Fig. 3)
         x = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (b, e, k + l)  carried inputs first
@@ -992,7 +987,7 @@ def main(args: Args) -> None:
     # TRY NOT TO MODIFY: resuming, checks, run folder, device, precision, seeding, logging
     args, saved = runs.resume(args, VARIANT)  # --resume: the saved run's settings and training state
     check_args(args)
-    run_name, run_dir, device, autocast = start_run(args, saved)
+    run_name, run_dir, device, autocast = start_run(args, saved, TRITON_SCAN)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

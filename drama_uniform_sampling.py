@@ -33,17 +33,14 @@ from utils.checks import check_ranges
 from utils.dream import log_dream
 from utils.evaluate import final_evaluation
 from utils.laprop import LaProp
+from utils.mamba_kernels import load_ssd_scan, mamba_ssm_version
 from utils.progress import ProgressLine, start_logging
 from utils.runs import RunOptions, start_run
 
-try:  # fused CUDA kernel for the SSD scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
-    import mamba_ssm
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    MAMBA_SSM_ERROR = None
-except ImportError as error:  # not installed, or installed but broken (an ABI mismatch, a missing extension)
-    mamba_chunk_scan_combined = None
-    MAMBA_SSM_ERROR = "mamba_ssm is not installed" if error.name == "mamba_ssm" else f"mamba_ssm failed: {error}"
+# mamba_ssm's fused Mamba-2 scan (Triton; utils/mamba_kernels.py loads it also from a mamba-ssm built without
+# its CUDA extensions), or None and why not: the mixer then runs its pure-PyTorch scan
+mamba_chunk_scan_combined, MAMBA_SSM_ERROR = load_ssd_scan()
+TRITON_SCAN = mamba_chunk_scan_combined is not None  # Triton compiles its kernels on first use: needs a C compiler
 
 VARIANT = os.path.basename(__file__)[: -len(".py")]  # recorded in saved agents and checkpoints
 
@@ -53,7 +50,7 @@ def scan_backend(device: torch.device) -> str:
     why = [] if device.type == "cuda" else [f"running on {device.type}"]
     if MAMBA_SSM_ERROR:
         why.append(MAMBA_SSM_ERROR)
-    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm.__version__}"
+    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm_version()}"
 
 
 @dataclass
@@ -337,6 +334,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm = GatedRMSNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.fused_scan_on = "cuda" if TRITON_SCAN else None  # device type that runs mamba_ssm's scan (None: none)
 
     def allocate_state(self, batch_size: int, device=None, dtype=None):
         conv_state = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)
@@ -360,7 +358,7 @@ class Mamba2(nn.Module):
         x = x.reshape(batch, length, self.nheads, self.headdim)  # (b, l, g, p)
         dt = F.softplus(dt + self.dt_bias)  # (b, l, g)
         A = -torch.exp(self.A_log.to(torch.promote_types(dt.dtype, torch.float32)))  # (g,) at least fp32
-        if u.is_cuda and mamba_chunk_scan_combined is not None:
+        if u.device.type == self.fused_scan_on:
             y, ssm_state = mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
                                                      initial_states=initial_state, return_final_states=True)
         else:
@@ -944,7 +942,7 @@ def main(args: Args) -> None:
     # TRY NOT TO MODIFY: resuming, checks, run folder, device, precision, seeding, logging
     args, saved = runs.resume(args, VARIANT)  # --resume: the saved run's settings and training state
     check_args(args)
-    run_name, run_dir, device, autocast = start_run(args, saved)
+    run_name, run_dir, device, autocast = start_run(args, saved, TRITON_SCAN)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

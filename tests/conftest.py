@@ -3,12 +3,16 @@ small but complete configuration of any of them, and one torch thread."""
 
 import dataclasses
 import importlib
+import os
 
 import pytest
 import torch
 
 VARIANTS = ("drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling")  # the paper's agent and its ablations
 WITH_DFS = tuple(v for v in VARIANTS if v != "drama_uniform_sampling")
+
+if not torch.cuda.is_available():  # Triton can only interpret here, and triton.jit reads this when a kernel (its own
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # library's too) is defined: before anything imports triton
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sysconfig
 import types
 import typing
 
@@ -122,12 +123,26 @@ def check_ranges(args) -> None:
         )
 
 
-def check_compiler(device) -> None:
-    """--compile builds code at run time: inductor's C++ on a CPU, Triton's C launchers on CUDA."""
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+def check_compiler(device, compile: bool, triton_scan: bool = False) -> None:
+    """Code built at run time needs a compiler: `compile` (--compile) builds inductor's C++ on a CPU; on CUDA, Triton
+    builds C launchers, for --compile and for mamba_ssm's fused Mamba-2 scan (`triton_scan`) alike."""
+    if compile and device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
         raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
-    if device.type == "cuda" and not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+    if device.type != "cuda" or not (compile or triton_scan):
+        return
+    if os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"):
+        headers = sysconfig.get_paths()["include"]  # Triton's launchers include Python.h
+        if not os.path.exists(os.path.join(headers, "Python.h")):
+            raise UserError(
+                f"Triton on CUDA builds C launchers that need Python's C headers, and {headers} has no Python.h: "
+                "install them (apt-get install python3-dev)" + ("" if triton_scan else " or drop --compile")
+            )
+        return
+    if triton_scan:
         raise UserError(
-            "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, "
-            "or drop --compile"
+            "mamba_ssm's fused Mamba-2 scan builds Triton kernels on CUDA and needs a C compiler: install one "
+            "(apt-get install gcc) or set CC (without mamba-ssm the scripts run the slower pure-PyTorch scan)"
         )
+    raise UserError(
+        "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, or drop --compile"
+    )

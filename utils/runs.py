@@ -23,6 +23,7 @@ from utils import Interrupted, UserError, resolve_device
 from utils.atari import check_env_id
 from utils.checkpoint import CHECKPOINT, RUN_FILES, Checkpoint, read_training_state
 from utils.checks import args_from_config, check_compiler, flag
+from utils.compile_cache import compile_cache_folders
 from utils.files import remove_stale_temporaries
 from utils.precision import autocast, precision_of
 
@@ -83,16 +84,19 @@ class RunOptions:
     updates (0: never)"""
 
 
-def start_run(args, saved: Checkpoint | None) -> tuple[str, str, torch.device, torch.autocast]:
-    """Check the env id, the device and (for `--compile`) the compiler, then claim the run folder (unique and
-    locked: made after every check), set the CPU threads and the precision (printed, with why).
+def start_run(
+    args, saved: Checkpoint | None, triton_scan: bool = False
+) -> tuple[str, str, torch.device, torch.autocast]:
+    """Check the env id, the device and the compiler (for `--compile`, and on CUDA for a `triton_scan`: the fused
+    Mamba-2 scan), then claim the run folder (unique and locked: made after every check), set the compile cache
+    folders (`compile_cache_folders`), the CPU threads and the precision (printed, with why).
     `saved`: the checkpoint of a `--resume` run, else None. Returns (run name, run folder, device, autocast)."""
     check_env_id(args.env_id)
     run_name = saved.run_name if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     device = resolve_device(args.device)
-    if args.compile:
-        check_compiler(device)
+    check_compiler(device, args.compile, triton_scan)
     run_dir, run_name = run_folder(args, run_name)
+    compile_cache_folders()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     precision, why = precision_of(args.precision, device)
