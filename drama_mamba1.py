@@ -3,6 +3,17 @@
 # Paper: "Drama: Mamba-Enabled Model-Based Reinforcement Learning Is Sample and Parameter Efficient".
 # One complete file per agent: drama_xs.py (the default), drama_s.py, drama_mamba1.py and
 # drama_uniform_sampling.py. `diff drama_xs.py drama_mamba1.py` shows an ablation and nothing else.
+#
+# Shape letters. Sizes are lower case; the SSM's A, B, C, D keep the papers' names, and h is a state, never a size.
+# The shape comments use these letters, not one agent's numbers, so they hold for every variant:
+#   b   batch: sequences, imagined trajectories or environments   l   sequence length (steps in one dynamics pass)
+#   m   rows of one flat batch (frames or features, e.g. b * l)   w   real (z, a) pairs an action is chosen from
+#   v   imagined steps per trajectory (imagine_horizon)           f   encoder features (its last map, flattened)
+#   zv  categorical variables of the latent (stoch_categoricals)  zc  classes per variable (stoch_classes)
+#   z   width of the latent z: zv * zc (one-hot samples)          d   width of h and of the Mamba blocks (d_model)
+#   e   inner width of a Mamba mixer (expand * d)                 n   SSM state size (d_state)
+#   k   width of a mixer's causal conv (d_conv)                   bins  reward and critic two-hot bins (TWOHOT_BINS)
+# The Mamba mixer's own letters are given with it.
 import math
 import os
 import random
@@ -16,26 +27,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from utils import UserError, checkpoint, run_cli
+from utils import UserError, checkpoint, run_cli, runs
 from utils.atari import make_env
 from utils.checks import check_ranges
 from utils.dream import log_dream
 from utils.evaluate import final_evaluation
 from utils.laprop import LaProp
+from utils.mamba_kernels import load_selective_scan, mamba_ssm_version
 from utils.progress import ProgressLine, start_logging
 from utils.runs import RunOptions, start_run
 
-try:  # fused CUDA kernel for the selective scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
-    import mamba_ssm
-    from mamba_ssm.ops import selective_scan_interface
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-    if getattr(selective_scan_interface, "selective_scan_cuda", None) is None:  # optional after mamba_ssm 2.3.2.post1
-        raise ImportError("built without selective_scan_cuda: reinstall it with MAMBA_KEEP_CUDA_BUILD=TRUE")
-    MAMBA_SSM_ERROR = None
-except ImportError as error:  # not installed, or installed but broken (an ABI mismatch, a missing extension)
-    selective_scan_fn = None
-    MAMBA_SSM_ERROR = "mamba_ssm is not installed" if error.name == "mamba_ssm" else f"mamba_ssm failed: {error}"
+# mamba_ssm's fused Mamba-1 scan (its compiled CUDA extension: mamba-ssm's full build), or None and why not: the
+# mixer then runs its pure-PyTorch scan
+selective_scan_fn, MAMBA_SSM_ERROR = load_selective_scan()
+TRITON_SCAN = False  # the Mamba-1 kernel is compiled CUDA code: no Triton compiles at run time
 
 VARIANT = os.path.basename(__file__)[: -len(".py")]  # recorded in saved agents and checkpoints
 
@@ -45,7 +50,7 @@ def scan_backend(device: torch.device) -> str:
     why = [] if device.type == "cuda" else [f"running on {device.type}"]
     if MAMBA_SSM_ERROR:
         why.append(MAMBA_SSM_ERROR)
-    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm.__version__}"
+    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm_version()}"
 
 
 @dataclass
@@ -66,7 +71,8 @@ class Args(RunOptions):
     random_steps: int = 1032
     """uniformly random actions before training starts"""
     train_ratio: float = 1.0
-    """world-model and actor-critic updates per environment step after `random_steps`"""
+    """world-model and actor-critic updates per environment step after `random_steps` (DreamerV3's train ratio counts
+    replayed steps per environment step instead: ours x batch_size x sequence_length, 2,048 at the defaults)"""
     buffer_size: int = 100_000
     """replay capacity in steps (uint8 frames: 100k steps take 1.2 GB)"""
     act_on_posterior: bool = False
@@ -77,7 +83,7 @@ class Args(RunOptions):
 
     # World model (paper Tables 2-3; XS)
     encoder_filters: tuple[int, ...] = (16, 32, 48, 64, 64)
-    """filters of the 5 encoder conv layers (kernel 5); the decoder mirrors them"""
+    """filters of the encoder's conv layers, one layer each (2 to 7 layers; kernel 5); the decoder mirrors them"""
     stoch_categoricals: int = 32
     """categorical variables in the latent z"""
     stoch_classes: int = 32
@@ -87,7 +93,7 @@ class Args(RunOptions):
     n_layers: int = 2
     """Mamba blocks in the dynamics model"""
     d_state: int = 16
-    """SSM state size N of each Mamba head"""
+    """SSM state size n (of each head in Mamba-2, of each inner channel in Mamba-1)"""
     d_conv: int = 4
     """kernel size of Mamba's causal depthwise convolution"""
     expand: int = 2
@@ -95,7 +101,7 @@ class Args(RunOptions):
     head_hidden: int = 256
     """hidden units of the reward and termination heads"""
     free_bits: float = 1.0
-    """KL free bits: the dynamics and representation losses are max(free_bits, KL)"""
+    """KL free bits: the dynamics and representation losses are max(free_bits, KL averaged over the batch)"""
     dyn_loss_scale: float = 1.0
     """weight of the dynamics loss KL(sg(posterior) || prior)"""
     rep_loss_scale: float = 0.1
@@ -161,10 +167,11 @@ def check_args(args: Args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Discrete VAE (paper 2.2.1, Table 2): 64x64 RGB -> 32 categoricals x 32 classes -> 64x64 RGB
+# Discrete VAE (paper 2.2.1, Table 2): 64x64 RGB -> zv categoricals x zc classes -> 64x64 RGB
 # ----------------------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
-    """5 conv layers, kernel 5, BatchNorm + SiLU; the first keeps 64x64, each next halves it: (64, 4, 4)."""
+    """One conv layer per filter, kernel 5, BatchNorm + SiLU; the first keeps 64x64, each next halves it; the last
+    map (filters[-1], 64 / 2^(layers - 1), same) flattened gives the f features."""
 
     def __init__(self, filters: tuple[int, ...]):
         super().__init__()
@@ -177,23 +184,23 @@ class Encoder(nn.Module):
         self.out_dim = filters[-1] * (64 // 2 ** (len(filters) - 1)) ** 2
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs (N, 64, 64, 3) uint8 -> features (N, 1024)."""
-        x = obs.permute(0, 3, 1, 2).float().div(255)  # (N, 3, 64, 64), channels_last in memory: no copy
+        """obs (m, 64, 64, 3) uint8 -> features (m, f)."""
+        x = obs.permute(0, 3, 1, 2).float().div(255)  # (m, 3, 64, 64), channels_last in memory: no copy
         if self.training:
-            return self.net(x).flatten(1)  # (N, 1024)
+            return self.net(x).flatten(1)  # (m, f)
         for conv, norm in zip(self.net[0::3], self.net[1::3], strict=True):  # eval: BatchNorm folded into the conv
-            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)  # (C_out,)
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)  # (the conv's output channels,)
             bias = (conv.bias - norm.running_mean) * scale + norm.bias
             x = F.silu(F.conv2d(x, conv.weight * scale[:, None, None, None], bias, conv.stride, conv.padding))
-        return x.flatten(1)  # (N, 1024)
+        return x.flatten(1)  # (m, f)
 
 
 class Decoder(nn.Module):
-    """Mirror of the encoder: linear -> (64, 4, 4), transposed convs (64, 64, 48, 32, 16), last to RGB."""
+    """Mirror of the encoder: linear -> its last map, transposed convs through the filters reversed, one to RGB."""
 
     def __init__(self, filters: tuple[int, ...], latent_dim: int):
         super().__init__()
-        mirrored = filters[::-1]  # (64, 64, 48, 32, 16)
+        mirrored = filters[::-1]  # the encoder's widths, last first
         self.start_shape = (mirrored[0], 64 // 2 ** (len(filters) - 1), 64 // 2 ** (len(filters) - 1))
         self.linear = nn.Linear(latent_dim, math.prod(self.start_shape))
         layers = [nn.BatchNorm2d(mirrored[0]), nn.SiLU()]
@@ -204,9 +211,9 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z (N, 1024) -> reconstruction (N, 3, 64, 64) in [0, 1]."""
+        """z (m, z) -> reconstruction (m, 3, 64, 64) in [0, 1]."""
         x = self.linear(z).view(-1, *self.start_shape).contiguous(memory_format=torch.channels_last)
-        return torch.sigmoid(self.net(x))  # (N, 3, 64, 64)
+        return torch.sigmoid(self.net(x))  # (m, 3, 64, 64)
 
 
 def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
@@ -216,29 +223,28 @@ def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
 
 
 def sample_latent(probs: torch.Tensor) -> torch.Tensor:
-    """One-hot sample with straight-through gradients (Bengio et al., 2013): (..., 32, 32) -> (..., 1024).
+    """One-hot sample with straight-through gradients (Bengio et al., 2013): (..., zv, zc) -> (..., z).
 
     Inverse-CDF sampling: the class is the number of cumulative probabilities below u ~ U(0, 1) (on CPU 7-10x
     faster than torch.multinomial, which the imagination rollout calls 16 times per update).
     """
-    cdf = probs.detach().float().cumsum(-1)  # (..., 32, 32)
-    u = torch.rand(*probs.shape[:-1], 1, device=probs.device)  # (..., 32, 1)
-    index = (cdf < u).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)  # (..., 32, 1)
-    onehot = torch.zeros_like(probs).scatter_(-1, index, 1.0)  # (..., 32, 32)
-    return (onehot + probs - probs.detach()).flatten(-2)  # (..., 1024)
+    cdf = probs.detach().float().cumsum(-1)  # (..., zv, zc)
+    u = torch.rand(*probs.shape[:-1], 1, device=probs.device)  # (..., zv, 1)
+    index = (cdf < u).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)  # (..., zv, 1)
+    onehot = torch.zeros_like(probs).scatter_(-1, index, 1.0)  # (..., zv, zc)
+    return (onehot + probs - probs.detach()).flatten(-2)  # (..., z)
 
 
 def categorical_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of (..., 32, 32) probabilities, summed over the 32 categoricals -> (...)."""
+    """KL(p || q) of (..., zv, zc) probabilities, summed over the zv categoricals -> (...)."""
     return (p * (p.log() - q.log())).sum((-2, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-1 mixer (Gu & Dao, 2024), pure PyTorch, with mamba_ssm's parameter names and inference cache.
 #
-# Glossary: B batch, L sequence length, D d_model, E d_inner = expand * D, N state size, K d_conv,
-# R dt_rank = ceil(D / 16). Each inner channel has its own diagonal A (E x N), and dt, B, C depend on the input
-# (selective SSM, S6):
+# Its letters, with b, l, d, e, n, k above: r = dt_rank = ceil(d / 16), the rank of dt's projection. Each inner
+# channel has its own diagonal A (e x n), and dt, B, C depend on the input (selective SSM, S6):
 # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t (paper eq. 1, Mamba eq. 2 and 4).
 # On CPU the scan is a loop over time steps; on CUDA, mamba_ssm's fused selective_scan_fn when importable.
 # ----------------------------------------------------------------------------------------------------------
@@ -253,14 +259,14 @@ def selective_scan_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the discretised selective SSM (Gu & Dao 2024, eq. 2a-2b with eq. 4's A-bar).
 
-    h: (B, E, N) state before the step    x: (B, E) input x_t      delta: (B, E) step size, > 0
-    A: (E, N) negative real               B, C: (B, N)              D: (E,) skip
-    Returns y: (B, E) and the new state h: (B, E, N).
+    h: (b, e, n) state before the step    x: (b, e) input x_t      delta: (b, e) step size, > 0
+    A: (e, n) negative real               B, C: (b, n)              D: (e,) skip
+    Returns y: (b, e) and the new state h: (b, e, n).
     """
-    dA = torch.exp(delta[..., None] * A)  # (B, E, N)  A-bar = exp(delta A), eq. 4 (ZOH)
-    dBu = (delta * x)[..., None] * B[:, None]  # (B, E, N)  B-bar x_t with B-bar ~ delta B, as mamba_ssm
-    h = dA * h + dBu  # (B, E, N)  eq. 2a
-    y = (h @ C[..., None]).squeeze(-1) + D * x  # (B, E)  eq. 2b, plus the skip connection D
+    dA = torch.exp(delta[..., None] * A)  # (b, e, n)  A-bar = exp(delta A), eq. 4 (ZOH)
+    dBu = (delta * x)[..., None] * B[:, None]  # (b, e, n)  B-bar x_t with B-bar ~ delta B, as mamba_ssm
+    h = dA * h + dBu  # (b, e, n)  eq. 2a
+    y = (h @ C[..., None]).squeeze(-1) + D * x  # (b, e)  eq. 2b, plus the skip connection D
     return y, h
 
 
@@ -275,22 +281,21 @@ def selective_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective scan over a sequence (Algorithm 2, line 7: y = SSM(A-bar, B-bar, C)(x)).
 
-    x: (B, L, E)   delta: (B, L, E)   A: (E, N)   B, C: (B, L, N)   D: (E,)   initial_state: (B, E, N)
-    Returns y: (B, L, E) and the state after the last step: (B, E, N).
+    x: (b, l, e)   delta: (b, l, e)   A: (e, n)   B, C: (b, l, n)   D: (e,)   initial_state: (b, e, n)
+    Returns y: (b, l, e) and the state after the last step: (b, e, n).
 
-    A sequential loop over L, one `selective_scan_step` per time step. On a 2-core CPU this beat
-    numerically safe chunked parallel forms (log-depth doubling scans within chunks, a recurrence
-    over chunks) by 1.4-9x in forward+backward time, and it needs less memory: no (B, L, E, N)
-    tensor is ever held at once; backward keeps two (B, E, N) tensors per step (exp(delta A) and h),
-    2*B*L*E*N floats in all (268 MB in fp32 at B=16, L=128, E=1024, N=16).
-    On GPU, mamba_ssm's fused kernel replaces it.
+    A sequential loop over l, one `selective_scan_step` per time step: no (b, l, e, n) tensor is ever held at
+    once; backward keeps two (b, e, n) tensors per step (exp(delta A) and h), 2*b*l*e*n floats in all (268 MB in
+    fp32 at b=16, l=128, e=1024, n=16). Measured on a 2-core CPU (benchmarks/README.md, "Sequence mixers"): a
+    2-layer stack of this mixer takes 1.7-2.1x the forward + backward time of the Mamba-2 one and keeps 2.75x its
+    activation memory, both linear in l. On GPU, mamba_ssm's fused kernel replaces it.
     """
-    h = initial_state  # (B, E, N)
+    h = initial_state  # (b, e, n)
     ys = []
     for x_t, delta_t, B_t, C_t in zip(x.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1), strict=True):
-        y_t, h = selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D)  # (B, E), (B, E, N)
+        y_t, h = selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D)  # (b, e), (b, e, n)
         ys.append(y_t)
-    return torch.stack(ys, dim=1), h  # (B, L, E), (B, E, N)
+    return torch.stack(ys, dim=1), h  # (b, l, e), (b, e, n)
 
 
 class Mamba1(nn.Module):
@@ -298,13 +303,13 @@ class Mamba1(nn.Module):
     with Selective State Spaces" (COLM 2024, arXiv:2312.00752), Figure 3 and Algorithm 2 (S6).
 
     Parameter names and shapes are those of `mamba_ssm.modules.mamba_simple.Mamba`, so state dicts
-    load either way. The state is mamba_ssm's inference cache: conv_state (B, E, K) holds the last W
-    inputs of the convolution (newest in the last column), ssm_state (B, E, N) is h_t. `forward` returns
-    both contiguous and at least fp32 (also under bf16 autocast), so a compiled `step` sees one input type.
+    load either way. The state is mamba_ssm's inference cache: conv_state (b, e, k) holds the last k
+    inputs of the convolution (newest in the last column), ssm_state (b, e, n) is h_t. `forward` returns
+    both contiguous and at least fp32 (also under bf16 autocast), so a compiled `forward_token` sees one input type.
 
     Fast path: on GPU with mamba_ssm installed, `forward` without a carried state calls its fused
     `selective_scan_fn` (same weights; it gives no gradient to the returned last state). A carried
-    state, `step` and the CPU always take the plain-PyTorch code below. Left out: complex A,
+    state, `forward_token` and the CPU always take the plain-PyTorch code below. Left out: complex A,
     variable-length packing, fused conv / step kernels (causal_conv1d, selective_state_update).
     """
 
@@ -319,68 +324,69 @@ class Mamba1(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)  # s_delta, s_B, s_C
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)  # broadcast of s_delta to E channels
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.fused_scan_on = "cuda" if selective_scan_fn is not None else None  # device type of the fused scan
 
         # dt_proj init as upstream: weight uniform +-R^-0.5, bias = softplus^-1(dt), dt log-uniform
         # in [1e-3, 1e-1] (floored at 1e-4), so softplus(bias) starts in the paper's range for delta
         nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
         dt = torch.exp(torch.rand(self.d_inner) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
-        dt = dt.clamp(min=1e-4)  # (E,)
+        dt = dt.clamp(min=1e-4)  # (e,)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        # S4D-real init: A = -(1, 2, ..., N) for every channel, stored as log(-A)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(self.d_inner, 1))  # (E, N)
-        self.D = nn.Parameter(torch.ones(self.d_inner))  # (E,)
+        # S4D-real init: A = -(1, 2, ..., n) for every channel, stored as log(-A)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(self.d_inner, 1))  # (e, n)
+        self.D = nn.Parameter(torch.ones(self.d_inner))  # (e,)
 
     def forward(
         self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """u: (B, L, D) -> y: (B, L, D) and the state after the last step, continuing from `state`."""
-        fused = state is None and u.is_cuda and selective_scan_fn is not None
+        """u: (b, l, d) -> y: (b, l, d) and the state after the last step, continuing from `state`."""
+        fused = state is None and u.device.type == self.fused_scan_on
         conv_state, ssm_state = self.allocate_state(u.shape[0], u.device, u.dtype) if state is None else state
-        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, E) each: SSM branch and gate branch (Fig. 3)
-        x = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, E, K + L)  carried inputs first
-        conv_state = x[:, :, -self.d_conv :]  # (B, E, K)  the last K inputs of the conv
-        x = F.silu(self.conv1d(x[:, :, 1:])).transpose(1, 2)  # (B, L, E)  causal conv + SiLU
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R|N|N)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, E)  s_delta(x) without the bias (Alg. 2, line 5)
-        A = -torch.exp(self.A_log)  # (E, N)  Alg. 2, line 2
-        if fused:  # mamba_ssm kernel: bias + softplus, scan and gate in one pass, layout (B, E, L)
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, l, e) each: SSM branch and gate branch (Fig. 3)
+        x = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (b, e, k + l)  carried inputs first
+        conv_state = x[:, :, -self.d_conv :]  # (b, e, k)  the last k inputs of the conv
+        x = F.silu(self.conv1d(x[:, :, 1:])).transpose(1, 2)  # (b, l, e)  causal conv + SiLU
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r|n|n)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, e)  s_delta(x) without the bias (Alg. 2, line 5)
+        A = -torch.exp(self.A_log)  # (e, n)  Alg. 2, line 2
+        if fused:  # mamba_ssm kernel: bias + softplus, scan and gate in one pass, layout (b, e, l)
             y, ssm_state = selective_scan_fn(
-                x.transpose(1, 2),  # (B, E, L)
-                dt.transpose(1, 2),  # (B, E, L)
-                A.float(),  # (E, N)
-                B.transpose(1, 2),  # (B, N, L)
-                C.transpose(1, 2),  # (B, N, L)
-                self.D.float(),  # (E,)
-                z=z.transpose(1, 2),  # (B, E, L)
-                delta_bias=self.dt_proj.bias.float(),  # (E,)
+                x.transpose(1, 2),  # (b, e, l)
+                dt.transpose(1, 2),  # (b, e, l)
+                A.float(),  # (e, n)
+                B.transpose(1, 2),  # (b, n, l)
+                C.transpose(1, 2),  # (b, n, l)
+                self.D.float(),  # (e,)
+                z=z.transpose(1, 2),  # (b, e, l)
+                delta_bias=self.dt_proj.bias.float(),  # (e,)
                 delta_softplus=True,
                 return_last_state=True,
-            )  # (B, E, L), (B, E, N)
-            y = y.transpose(1, 2)  # (B, L, E)
+            )  # (b, e, l), (b, e, n)
+            y = y.transpose(1, 2)  # (b, l, e)
         else:
-            delta = F.softplus(dt + self.dt_proj.bias)  # (B, L, E)  tau_delta = softplus (Alg. 2, line 5)
-            y, ssm_state = selective_scan(x, delta, A, B, C, self.D, ssm_state)  # (B, L, E), (B, E, N)
-            y = y * F.silu(z)  # (B, L, E)  multiplicative gate (Fig. 3)
-        dtype = torch.promote_types(conv_state.dtype, torch.float32)  # bf16 under autocast -> fp32, as `step` keeps it
-        return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())  # (B, L, D)
+            delta = F.softplus(dt + self.dt_proj.bias)  # (b, l, e)  tau_delta = softplus (Alg. 2, line 5)
+            y, ssm_state = selective_scan(x, delta, A, B, C, self.D, ssm_state)  # (b, l, e), (b, e, n)
+            y = y * F.silu(z)  # (b, l, e)  multiplicative gate (Fig. 3)
+        dtype = torch.promote_types(conv_state.dtype, torch.float32)  # bf16 -> fp32, as `forward_token` keeps its state
+        return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())  # (b, l, d)
 
-    def step(
+    def forward_token(
         self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One recurrent step: u (B, D) -> y (B, D) and a new state (the old tensors are left as they are)."""
-        conv_state, ssm_state = state  # (B, E, K), (B, E, N)
-        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, E) each
-        conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)  # (B, E, K)  newest last
-        x = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, E)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, R|N|N)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias)  # (B, E) as in forward: fp32 bias
-        A = -torch.exp(self.A_log)  # (E, N)
-        y, ssm_state = selective_scan_step(ssm_state, x, delta, A, B, C, self.D)  # (B, E), (B, E, N)
-        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (B, D)
+        """One token: u (b, d) -> y (b, d) and a new state (the old tensors are left as they are)."""
+        conv_state, ssm_state = state  # (b, e, k), (b, e, n)
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, e) each
+        conv_state = torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1)  # (b, e, k)  newest last
+        x = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (b, e)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, r|n|n)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias)  # (b, e) as in forward: fp32 bias
+        A = -torch.exp(self.A_log)  # (e, n)
+        y, ssm_state = selective_scan_step(ssm_state, x, delta, A, B, C, self.D)  # (b, e), (b, e, n)
+        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)  # (b, d)
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero (conv_state (B, E, K), ssm_state (B, E, N)); parameters' device and dtype by default."""
+        """Zero (conv_state (b, e, k), ssm_state (b, e, n)); parameters' device and dtype by default."""
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype)
@@ -403,8 +409,8 @@ class MambaBlock(nn.Module):
         y, state = self.mixer(self.norm(x), state)
         return x + y, state
 
-    def step(self, x, state):
-        y, state = self.mixer.step(self.norm(x), state)
+    def forward_token(self, x, state):
+        y, state = self.mixer.forward_token(self.norm(x), state)
         return x + y, state
 
 
@@ -431,20 +437,20 @@ class Dynamics(nn.Module):
         return self.stem(torch.cat([z, F.one_hot(action, self.action_dim).to(z.dtype)], dim=-1))
 
     def forward(self, z: torch.Tensor, action: torch.Tensor, state=None):
-        """z (B, L, 1024), action (B, L) -> h (B, L, 512), per-block inference states after the last step."""
-        x = self._input(z, action)  # (B, L, 512)
+        """z (b, l, z), action (b, l) -> h (b, l, d), per-block inference states after the last step."""
+        x = self._input(z, action)  # (b, l, d)
         states = []
         for i, block in enumerate(self.blocks):
             x, block_state = block(x, state[i] if state is not None else None)
             states.append(block_state)
         return self.norm(x), states
 
-    def step(self, z: torch.Tensor, action: torch.Tensor, state):
-        """z (B, 1024), action (B,) -> h (B, 512), new states (imagination: constant cost per step)."""
-        x = self._input(z, action)  # (B, 512)
+    def forward_token(self, z: torch.Tensor, action: torch.Tensor, state):
+        """One (z, a) token: z (b, z), action (b,) -> h (b, d), new states (imagination: constant cost per token)."""
+        x = self._input(z, action)  # (b, d)
         states = []
         for block, block_state in zip(self.blocks, state, strict=True):
-            x, block_state = block.step(x, block_state)
+            x, block_state = block.forward_token(x, block_state)
             states.append(block_state)
         return self.norm(x), states
 
@@ -460,15 +466,18 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.expm1(x.abs())
 
 
-class TwoHotSymlog(nn.Module):
-    """255 bins uniform in symlog space on [-20, 20]; targets as two-hot vectors (DreamerV3)."""
+TWOHOT_BINS = 255  # outputs of the reward head and the critics (DreamerV3)
 
-    def __init__(self, bins: int = 255, low: float = -20.0, high: float = 20.0):
+
+class TwoHotSymlog(nn.Module):
+    """TWOHOT_BINS bins uniform in symlog space on [-20, 20]; targets as two-hot vectors (DreamerV3)."""
+
+    def __init__(self, bins: int = TWOHOT_BINS, low: float = -20.0, high: float = 20.0):
         super().__init__()
         self.register_buffer("bins", torch.linspace(low, high, bins), persistent=False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x (...) -> two-hot (..., 255) of symlog(x)."""
+        """x (...) -> two-hot (..., bins) of symlog(x)."""
         y = symlog(x).clamp(self.bins[0], self.bins[-1])
         below = (torch.bucketize(y, self.bins, right=True) - 1).clamp(0, len(self.bins) - 2)  # (...)
         weight_above = (y - self.bins[below]) / (self.bins[below + 1] - self.bins[below])  # (...)
@@ -478,7 +487,7 @@ class TwoHotSymlog(nn.Module):
         return twohot
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (..., 255) -> expected value in real space (...)."""
+        """logits (..., bins) -> expected value in real space (...)."""
         return symexp((logits.float().softmax(-1) * self.bins).sum(-1))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -518,7 +527,7 @@ class WorldModel(nn.Module):
         self.decoder = Decoder(args.encoder_filters, latent_dim)
         self.dynamics = Dynamics(args, latent_dim, action_dim)
         self.prior_head = nn.Linear(args.d_model, latent_dim)
-        self.reward_head = mlp_head(args.d_model, args.head_hidden, 255)
+        self.reward_head = mlp_head(args.d_model, args.head_hidden, TWOHOT_BINS)
         self.termination_head = mlp_head(args.d_model, args.head_hidden, 1)
         self.twohot = TwoHotSymlog()
         self.args = args
@@ -527,41 +536,46 @@ class WorldModel(nn.Module):
         self.to(memory_format=torch.channels_last)  # conv VAE: NHWC is 1.1-1.3x faster on CPU
 
     def posterior(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs (..., 64, 64, 3) uint8 -> posterior probabilities (..., 32, 32) with 1% unimix."""
-        features = self.encoder(obs.reshape(-1, *obs.shape[-3:]))  # (N, 1024)
+        """obs (..., 64, 64, 3) uint8 -> posterior probabilities (..., zv, zc) with 1% unimix."""
+        features = self.encoder(obs.reshape(-1, *obs.shape[-3:]))  # (m, f)
         return unimix_probs(self.posterior_head(features).view(*obs.shape[:-3], *self.stoch_shape))
 
     def prior(self, h: torch.Tensor) -> torch.Tensor:
-        """h (..., 512) -> prior probabilities over the next latent (..., 32, 32) with 1% unimix."""
+        """h (..., d) -> prior probabilities over the next latent (..., zv, zc) with 1% unimix."""
         return unimix_probs(self.prior_head(h).view(*h.shape[:-1], *self.stoch_shape))
 
     def reward(self, h: torch.Tensor) -> torch.Tensor:
-        """Predicted reward of the action that led to h: (..., 512) -> (...)."""
+        """Predicted reward of the action that led to h: (..., d) -> (...)."""
         return self.twohot.decode(self.reward_head(h))
 
     def continuation(self, h: torch.Tensor) -> torch.Tensor:
-        """1 where the episode goes on after the action that led to h, 0 where it terminates."""
+        """1 where the episode goes on after the action that led to h, 0 where it terminates: a hard 0/1, 1 where the
+        termination logit is <= 0 (probability <= 0.5). DreamerV3's published code puts the probability of going on
+        into the returns and the loss weights (its 2023 code took the 0/1 mode, as here)."""
         return (self.termination_head(h).squeeze(-1) <= 0).float()
 
     def loss(self, obs, actions, rewards, terminations):
-        """Paper eq. 6-7 on a batch: obs (B, L, 64, 64, 3) uint8, actions (B, L), rewards/terminations (B, L).
+        """Paper eq. 6-7 on a batch: obs (b, l, 64, 64, 3) uint8, actions (b, l), rewards/terminations (b, l).
 
         h_t (from z_<=t, a_<=t) predicts z_{t+1}, the reward r_t of a_t and the termination after a_t.
         """
         batch, length = actions.shape
-        posterior = self.posterior(obs)  # (B, L, 32, 32)
-        z = sample_latent(posterior)  # (B, L, 1024)
-        reconstruction = self.decoder(z.flatten(0, 1))  # (B*L, 3, 64, 64)
-        target = obs.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)  # (B*L, 3, 64, 64)
+        posterior = self.posterior(obs)  # (b, l, zv, zc)
+        z = sample_latent(posterior)  # (b, l, z)
+        reconstruction = self.decoder(z.flatten(0, 1))  # (b*l, 3, 64, 64)
+        target = obs.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)  # (b*l, 3, 64, 64)
         reconstruction_loss = (reconstruction - target).pow(2).sum((1, 2, 3)).mean()
-        h, _ = self.dynamics(z, actions)  # (B, L, 512)
+        h, _ = self.dynamics(z, actions)  # (b, l, d)
         reward_loss = self.twohot.loss(self.reward_head(h), rewards).mean()
-        termination_logits = self.termination_head(h).squeeze(-1).float()  # (B, L)
+        termination_logits = self.termination_head(h).squeeze(-1).float()  # (b, l)
         termination_loss = F.binary_cross_entropy_with_logits(termination_logits, terminations)
-        prior = self.prior(h[:, :-1])  # (B, L-1, 32, 32): predictions of z_1 .. z_{L-1}
-        next_posterior = posterior[:, 1:]  # (B, L-1, 32, 32)
+        prior = self.prior(h[:, :-1])  # (b, l-1, zv, zc): predictions of z_1 .. z_{l-1}
+        next_posterior = posterior[:, 1:]  # (b, l-1, zv, zc)
         dynamics_kl = categorical_kl(next_posterior.detach(), prior).mean()
         representation_kl = categorical_kl(next_posterior, prior.detach()).mean()
+        # free bits on the batch mean, as the published code: no step's KL gets a gradient while the mean is below
+        # free_bits, every step's does above it. DreamerV3 ("World model learning") takes max(1, KL) of each step
+        # before the mean: only the steps above 1 nat are pushed down.
         dynamics_loss = dynamics_kl.clamp(min=self.args.free_bits)
         representation_loss = representation_kl.clamp(min=self.args.free_bits)
         total = reconstruction_loss + reward_loss + termination_loss  # paper eq. 7
@@ -598,7 +612,7 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Merge the statistics of a batch x (N, dim) (parallel variance formula)."""
+        """Merge the statistics of a batch x (m, dim) (parallel variance formula)."""
         batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
@@ -626,8 +640,9 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequentia
 
 
 class ActorCritic(nn.Module):
-    """Actor (2 x 256) on the running-normalised concat(z, h) (1536); critic and slow critic (2 x 512, 255-bin
-    symlog two-hot) on the raw concat(z, h), as the published code (z is one-hot, h comes out of an RMSNorm)."""
+    """Actor (2 hidden layers) on the running-normalised concat(z, h) (z + d features); critic and slow critic (2
+    hidden layers, symlog two-hot over TWOHOT_BINS) on the raw concat(z, h), as the published code (z is one-hot, h
+    comes out of an RMSNorm)."""
 
     def __init__(self, args: Args, feature_dim: int, action_dim: int):
         super().__init__()
@@ -635,9 +650,9 @@ class ActorCritic(nn.Module):
         self.norm = RunningNorm(feature_dim)
         self.actor = mlp(feature_dim, args.actor_hidden, action_dim)
         nn.init.orthogonal_(self.actor[-1].weight, gain=0.001)
-        self.critic = mlp(feature_dim, args.critic_hidden, 255)
+        self.critic = mlp(feature_dim, args.critic_hidden, TWOHOT_BINS)
         nn.init.zeros_(self.critic[-1].weight)  # DreamerV3: the critic starts predicting 0
-        self.slow_critic = mlp(feature_dim, args.critic_hidden, 255)
+        self.slow_critic = mlp(feature_dim, args.critic_hidden, TWOHOT_BINS)
         self.slow_critic.load_state_dict(self.critic.state_dict())
         self.slow_critic.requires_grad_(False)
         self.twohot = TwoHotSymlog()
@@ -650,7 +665,7 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def act(self, features: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """features (N, 1536) -> actions (N,)."""
+        """features (b, z + d) -> actions (b,)."""
         policy = self.policy(features)
         return policy.probs.argmax(-1) if greedy else policy.sample()
 
@@ -659,23 +674,30 @@ class ActorCritic(nn.Module):
         return self.twohot.decode(critic(features))
 
     def loss(self, features, actions, rewards, continuations):
-        """Imagined trajectories: features (B, H+1, 1536), actions/rewards/continuations (B, H)."""
-        critic_logits = self.critic(features)  # (B, H+1, 255): one pass for targets and loss
-        values = self.twohot.decode(critic_logits.detach())  # (B, H+1)
+        """Imagined trajectories: features (b, v+1, z+d), actions/rewards/continuations (b, v)."""
+        critic_logits = self.critic(features)  # (b, v+1, bins): one pass for targets and loss
+        values = self.twohot.decode(critic_logits.detach())  # (b, v+1)
         with torch.no_grad():
             returns = lambda_returns(rewards, continuations, values, self.args.gamma, self.args.lam)
-            slow_values = self.value(features, slow=True)  # (B, H+1)
+            slow_values = self.value(features, slow=True)  # (b, v+1)
             slow_returns = lambda_returns(rewards, continuations, slow_values, self.args.gamma, self.args.lam)
             low, high = nearest_rank(returns, 0.05), nearest_rank(returns, 0.95)
             decay = self.args.return_norm_decay
             self.return_low.lerp_(low, 1 - decay)
             self.return_high.lerp_(high, 1 - decay)
             scale = (self.return_high - self.return_low).clamp(min=1.0)  # S = max(1, P95 - P5)
-        policy = self.policy(features[:, :-1])  # (B, H) actions
-        advantage = (returns - values[:, :-1]) / scale  # (B, H)
-        entropy = policy.entropy()  # (B, H)
+        policy = self.policy(features[:, :-1])  # (b, v) actions
+        advantage = (returns - values[:, :-1]) / scale  # (b, v)
+        entropy = policy.entropy()  # (b, v)
+        # every imagined step weighs the same in both losses, also the steps after a predicted termination (the
+        # rollout goes on past an episode's end, paper 2.3; the returns stop there, c = 0). DreamerV3's published
+        # code weights each step's actor and critic loss by the product of the predicted continuations before it, so
+        # steps after an imagined termination count for nothing.
         actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
-        critic_logits = critic_logits[:, :-1]  # (B, H, 255): the states whose returns are known
+        critic_logits = critic_logits[:, :-1]  # (b, v, bins): the states whose returns are known
+        # the slow critic regularises the critic through a second target, the lambda-returns bootstrapped from the slow
+        # values (same rewards and continuations), as the published code; DreamerV3 ("Critic learning") regularises
+        # towards the slow critic's own prediction at each state instead.
         critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
         return actor_loss + critic_loss, dict(actor_loss=actor_loss, critic_loss=critic_loss, entropy=entropy.mean(),
                                               return_scale=scale, imagined_return=returns.mean())  # fmt: skip
@@ -694,9 +716,9 @@ def nearest_rank(x: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def lambda_returns(rewards, continuations, values, gamma: float, lam: float) -> torch.Tensor:
-    """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), R_H = V_H (DreamerV3 eq. 7).
+    """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), R_v = V_v (DreamerV3 eq. 7; v the horizon).
 
-    rewards, continuations (B, H); values (B, H+1) -> returns (B, H).
+    rewards, continuations (b, v); values (b, v+1) -> returns (b, v).
     """
     returns, next_return = [], values[:, -1]
     for t in reversed(range(rewards.shape[1])):
@@ -724,7 +746,7 @@ class Agent(nn.Module):
         self.reset(1)
 
     def reset(self, num_envs: int) -> None:
-        """Empty acting windows for `num_envs` envs: window_z (N, W, 1024) and window_actions (N, W) on the agent's
+        """Empty acting windows for `num_envs` envs: window_z (N, w, z) and window_actions (N, w) on the agent's
         device (made at the first `act`), oldest pair first; window_lengths (N,) on the host: how many each holds."""
         self.window_lengths = np.zeros(num_envs, dtype=np.int64)
         self.window_z = self.window_actions = None
@@ -772,7 +794,7 @@ class Agent(nn.Module):
         self.window_z, self.window_actions = self.window_z.to(device), self.window_actions.to(device)
 
     def _append_to_windows(self, z: torch.Tensor, actions: torch.Tensor) -> None:
-        """Each env's (z (1024,), a) joins its window; a full window drops its oldest pair first."""
+        """Each env's (z (z,), a) joins its window; a full window drops its oldest pair first."""
         full = self.window_lengths == self.args.act_context_length
         if full.any():
             envs = rows_of(np.flatnonzero(full), z.device)
@@ -784,7 +806,7 @@ class Agent(nn.Module):
         self.window_lengths = np.minimum(self.window_lengths + 1, self.args.act_context_length)
 
     def window_state(self) -> dict[str, torch.Tensor]:
-        """The acting windows as CPU tensors (for a checkpoint): "{i}.z" (n_i, 1024) and "{i}.actions" (n_i,) of
+        """The acting windows as CPU tensors (for a checkpoint): "{i}.z" (n_i, z) and "{i}.actions" (n_i,) of
         each env i with a non-empty window, oldest pair first."""
         state = {}
         for i in np.flatnonzero(self.window_lengths):
@@ -909,15 +931,15 @@ class ReplayBuffer:
         return starts
 
     def sequences(self, starts: np.ndarray, length: int, device, distinct_frames: bool = False):
-        """Steps [start, start + length) of each start -> tensors (B, length, ...) on `device`.
+        """Steps [start, start + length) of each start -> tensors (b, length, ...) on `device`.
 
-        With `distinct_frames`, "obs" is replaced by "frames" (U, 64, 64, 3), each distinct frame once, and
-        "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
+        With `distinct_frames`, "obs" is replaced by "frames" (m, 64, 64, 3), each distinct frame once, and
+        "frame_index" (b, length) into them: overlapping imagination contexts then encode each frame once.
         The indices are worked out on the host; on a GPU they are copied there once and the steps gathered there.
         """
-        index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
+        index = self._physical(starts[:, None] + np.arange(length))  # (b, length)
         distinct, inverse = np.unique(index, return_inverse=True) if distinct_frames else (index[:0], index[:0])
-        inverse = inverse.reshape(-1, length)  # (B, length) or, without distinct_frames, empty
+        inverse = inverse.reshape(-1, length)  # (b, length) or, without distinct_frames, empty
         if self.device.type == "cpu":  # numpy's gather: faster than torch's on a CPU
 
             def gather(name: str, at: np.ndarray) -> torch.Tensor:
@@ -965,9 +987,9 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # Imagination (paper 2.3): 8 real context steps, then 16 steps in the world model under the policy
 # ----------------------------------------------------------------------------------------------------------
 def imagine_one_step(world_model: WorldModel, actor_critic: ActorCritic, z, h, state):
-    """s_i = (z_i (B, 1024), h_i (B, 512)) -> a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1})."""
-    action = actor_critic.act(torch.cat([z, h], -1))  # (B,)
-    h, state = world_model.dynamics.step(z, action, state)  # (B, 512)
+    """s_i = (z_i (b, z), h_i (b, d)) -> a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1})."""
+    action = actor_critic.act(torch.cat([z, h], -1))  # (b,)
+    h, state = world_model.dynamics.forward_token(z, action, state)  # (b, d)
     return sample_latent(world_model.prior(h)), h, state, action
 
 
@@ -980,17 +1002,17 @@ def compile_one_step():
 
 @torch.no_grad()
 def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: int, rollout_step_fn=imagine_one_step):
-    """Context frames (U, 64, 64, 3) picked by frame_index (B, C), actions (B, C) -> features (B, H+1, 1536),
-    actions, rewards, continuations (B, H).
+    """Context frames (m, 64, 64, 3) picked by frame_index (b, l), actions (b, l) -> features (b, v+1, z+d),
+    actions, rewards, continuations (b, v), with v = horizon.
 
-    s_0 = (z_0 ~ prior(h_ctx), h_ctx), then H calls of `rollout_step_fn` (imagine_one_step, or `compile_one_step`'s).
+    s_0 = (z_0 ~ prior(h_ctx), h_ctx), then v calls of `rollout_step_fn` (imagine_one_step, or `compile_one_step`'s).
     The reward and continuation of a_i are read from h_{i+1}, the state after a_i. A step's outputs may live in
     CUDA-graph memory that the next rollout's replays overwrite: only the stacked copies leave this function.
     """
-    z = sample_latent(world_model.posterior(frames)[frame_index])  # (B, C, 1024)
-    h, state = world_model.dynamics(z, actions)  # (B, C, 512)
-    h = h[:, -1].contiguous()  # (B, 512): laid out as the step's h, so that a compiled step compiles once
-    z = sample_latent(world_model.prior(h))  # (B, 1024)
+    z = sample_latent(world_model.posterior(frames)[frame_index])  # (b, l, z)
+    h, state = world_model.dynamics(z, actions)  # (b, l, d)
+    h = h[:, -1].contiguous()  # (b, d): laid out as the step's h, so that a compiled step compiles once
+    z = sample_latent(world_model.prior(h))  # (b, z)
     if z.is_cuda:
         torch.compiler.cudagraph_mark_step_begin()  # a new rollout: a compiled step's graphs replay from the first
     zs, hs, taken = [z], [h], []
@@ -999,8 +1021,8 @@ def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: in
         zs.append(z)
         hs.append(h)
         taken.append(action)
-    h = torch.stack(hs, 1)  # (B, H+1, 512)
-    rewards, continuations = world_model.reward(h[:, 1:]), world_model.continuation(h[:, 1:])  # (B, H)
+    h = torch.stack(hs, 1)  # (b, v+1, d)
+    rewards, continuations = world_model.reward(h[:, 1:]), world_model.continuation(h[:, 1:])  # (b, v)
     return torch.cat([torch.stack(zs, 1), h], -1), torch.stack(taken, 1), rewards, continuations
 
 
@@ -1055,14 +1077,14 @@ def make_optimizer(parameters, lr: float, warmup: int):
 
 def main(args: Args) -> None:
     # TRY NOT TO MODIFY: resuming, checks, run folder, device, precision, seeding, logging
-    args, saved = checkpoint.resume(args, VARIANT)  # --resume: the saved run's settings and training state
+    args, saved = runs.resume(args, VARIANT)  # --resume: the saved run's settings and training state
     check_args(args)
-    run_name, run_dir, device, autocast = start_run(args, saved)
+    run_name, run_dir, device, autocast = start_run(args, saved, TRITON_SCAN)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    writer = start_logging(args, run_name, run_dir, purge_step=saved[1]["global_step"] if saved else None)
+    writer = start_logging(args, run_name, run_dir, purge_step=saved.global_step if saved else None)
 
     # TRY NOT TO MODIFY: env setup
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
@@ -1081,20 +1103,18 @@ def main(args: Args) -> None:
     first_step, updates, update_budget, episode_start = 0, 0, 0.0, True
     recent_returns, action_history = deque(maxlen=5), []
 
-    def loop_state(global_step: int) -> dict:  # what --resume needs, gathered when a checkpoint is written or read
-        return dict(agent=agent, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer,
-                    ac_scheduler=ac_scheduler, buffer=buffer, rng=rng, window=agent,
-                    action_history=action_history, recent_returns=recent_returns, global_step=global_step,
-                    updates=updates, update_budget=update_budget, episode_start=episode_start, run_name=run_name,
-                    args=args)  # fmt: skip
+    def training_state(global_step: int) -> checkpoint.TrainingState:  # what --resume needs, when saved or read
+        return checkpoint.TrainingState(args, run_name, agent, wm_optimizer, wm_scheduler, ac_optimizer, ac_scheduler,
+                                        buffer, rng, action_history, recent_returns, global_step, updates,
+                                        update_budget, episode_start)  # fmt: skip
 
     if saved:  # the loop's objects get their saved state back, the env replays the saved actions
-        first_step, updates, update_budget, episode_start, obs = checkpoint.resume_loop(loop_state(0), saved, env)
+        first_step, updates, update_budget, episode_start, obs = checkpoint.resume_loop(training_state(0), saved, env)
     else:
         obs, _ = env.reset(seed=args.seed)
     progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
     step, checkpointed = first_step, first_step if saved else None  # env steps taken; of the last checkpoint
-    stop = checkpoint.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
+    stop = runs.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
     for global_step in range(first_step, args.total_timesteps):
         # ALGO LOGIC: collect (random actions before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
@@ -1133,7 +1153,7 @@ def main(args: Args) -> None:
         # TRY NOT TO MODIFY: checkpoint, progress line, stop
         step = global_step + 1
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+            checkpoint.save_training_state(run_dir, training_state(step), VARIANT)
             checkpointed = step
         progress.step(global_step, updates, recent_returns, writer)
         if stop.signal:
@@ -1142,12 +1162,12 @@ def main(args: Args) -> None:
 
     # TRY NOT TO MODIFY: save (a stopped run always saves its state), evaluate, upload
     if (args.checkpoint_every or stop.signal) and checkpointed != step:
-        checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+        checkpoint.save_training_state(run_dir, training_state(step), VARIANT)
     agent_path = checkpoint.save_agent(agent, args, run_dir, VARIANT) if args.save_model else None
     stop.restore()  # from here on, Ctrl-C aborts at once: the run is saved
     if stop.signal:
         writer.close()
-        raise checkpoint.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
+        raise runs.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
     if args.eval_episodes:
         final_evaluation(agent, args, run_dir, writer)
     writer.close()  # flush every event before the upload

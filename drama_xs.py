@@ -3,6 +3,17 @@
 # Paper: "Drama: Mamba-Enabled Model-Based Reinforcement Learning Is Sample and Parameter Efficient".
 # One complete file per agent: drama_xs.py (the default), drama_s.py, drama_mamba1.py and
 # drama_uniform_sampling.py. `diff drama_xs.py drama_mamba1.py` shows an ablation and nothing else.
+#
+# Shape letters. Sizes are lower case; the SSM's A, B, C, D keep the papers' names, and h is a state, never a size.
+# The shape comments use these letters, not one agent's numbers, so they hold for every variant:
+#   b   batch: sequences, imagined trajectories or environments   l   sequence length (steps in one dynamics pass)
+#   m   rows of one flat batch (frames or features, e.g. b * l)   w   real (z, a) pairs an action is chosen from
+#   v   imagined steps per trajectory (imagine_horizon)           f   encoder features (its last map, flattened)
+#   zv  categorical variables of the latent (stoch_categoricals)  zc  classes per variable (stoch_classes)
+#   z   width of the latent z: zv * zc (one-hot samples)          d   width of h and of the Mamba blocks (d_model)
+#   e   inner width of a Mamba mixer (expand * d)                 n   SSM state size (d_state)
+#   k   width of a mixer's causal conv (d_conv)                   bins  reward and critic two-hot bins (TWOHOT_BINS)
+# The Mamba mixer's own letters are given with it.
 import math
 import os
 import random
@@ -16,23 +27,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from utils import UserError, checkpoint, run_cli
+from utils import UserError, checkpoint, run_cli, runs
 from utils.atari import make_env
 from utils.checks import check_ranges
 from utils.dream import log_dream
 from utils.evaluate import final_evaluation
 from utils.laprop import LaProp
+from utils.mamba_kernels import load_ssd_scan, mamba_ssm_version
 from utils.progress import ProgressLine, start_logging
 from utils.runs import RunOptions, start_run
 
-try:  # fused CUDA kernel for the SSD scan (optional extra `cuda`); the pure-PyTorch path is used otherwise
-    import mamba_ssm
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    MAMBA_SSM_ERROR = None
-except ImportError as error:  # not installed, or installed but broken (an ABI mismatch, a missing extension)
-    mamba_chunk_scan_combined = None
-    MAMBA_SSM_ERROR = "mamba_ssm is not installed" if error.name == "mamba_ssm" else f"mamba_ssm failed: {error}"
+# mamba_ssm's fused Mamba-2 scan (Triton; utils/mamba_kernels.py loads it also from a mamba-ssm built without
+# its CUDA extensions), or None and why not: the mixer then runs its pure-PyTorch scan
+mamba_chunk_scan_combined, MAMBA_SSM_ERROR = load_ssd_scan()
+TRITON_SCAN = mamba_chunk_scan_combined is not None  # Triton compiles its kernels on first use: needs a C compiler
 
 VARIANT = os.path.basename(__file__)[: -len(".py")]  # recorded in saved agents and checkpoints
 
@@ -42,7 +50,7 @@ def scan_backend(device: torch.device) -> str:
     why = [] if device.type == "cuda" else [f"running on {device.type}"]
     if MAMBA_SSM_ERROR:
         why.append(MAMBA_SSM_ERROR)
-    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm.__version__}"
+    return f"pure PyTorch ({'; '.join(why)})" if why else f"fused mamba_ssm {mamba_ssm_version()}"
 
 
 @dataclass
@@ -63,7 +71,8 @@ class Args(RunOptions):
     random_steps: int = 1032
     """uniformly random actions before training starts"""
     train_ratio: float = 1.0
-    """world-model and actor-critic updates per environment step after `random_steps`"""
+    """world-model and actor-critic updates per environment step after `random_steps` (DreamerV3's train ratio counts
+    replayed steps per environment step instead: ours x batch_size x sequence_length, 2,048 at the defaults)"""
     buffer_size: int = 100_000
     """replay capacity in steps (uint8 frames: 100k steps take 1.2 GB)"""
     act_on_posterior: bool = False
@@ -74,7 +83,7 @@ class Args(RunOptions):
 
     # World model (paper Tables 2-3; XS)
     encoder_filters: tuple[int, ...] = (16, 32, 48, 64, 64)
-    """filters of the 5 encoder conv layers (kernel 5); the decoder mirrors them"""
+    """filters of the encoder's conv layers, one layer each (2 to 7 layers; kernel 5); the decoder mirrors them"""
     stoch_categoricals: int = 32
     """categorical variables in the latent z"""
     stoch_classes: int = 32
@@ -84,19 +93,19 @@ class Args(RunOptions):
     n_layers: int = 2
     """Mamba blocks in the dynamics model"""
     d_state: int = 16
-    """SSM state size N of each Mamba head"""
+    """SSM state size n (of each head in Mamba-2, of each inner channel in Mamba-1)"""
     d_conv: int = 4
     """kernel size of Mamba's causal depthwise convolution"""
     expand: int = 2
     """Mamba's inner width is expand * d_model"""
     headdim: int = 128
-    """Mamba-2 head dimension P (paper Table 3; the published code uses mamba_ssm's default 64)"""
+    """Mamba-2 head dimension p (paper Table 3; the published code uses mamba_ssm's default 64)"""
     chunk_size: int = 64
-    """chunk length of the chunked SSD scan (a speed setting: results do not depend on it)"""
+    """chunk length q of the chunked SSD scan (a speed setting: results do not depend on it)"""
     head_hidden: int = 256
     """hidden units of the reward and termination heads"""
     free_bits: float = 1.0
-    """KL free bits: the dynamics and representation losses are max(free_bits, KL)"""
+    """KL free bits: the dynamics and representation losses are max(free_bits, KL averaged over the batch)"""
     dyn_loss_scale: float = 1.0
     """weight of the dynamics loss KL(sg(posterior) || prior)"""
     rep_loss_scale: float = 0.1
@@ -165,10 +174,11 @@ def check_args(args: Args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Discrete VAE (paper 2.2.1, Table 2): 64x64 RGB -> 32 categoricals x 32 classes -> 64x64 RGB
+# Discrete VAE (paper 2.2.1, Table 2): 64x64 RGB -> zv categoricals x zc classes -> 64x64 RGB
 # ----------------------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
-    """5 conv layers, kernel 5, BatchNorm + SiLU; the first keeps 64x64, each next halves it: (64, 4, 4)."""
+    """One conv layer per filter, kernel 5, BatchNorm + SiLU; the first keeps 64x64, each next halves it; the last
+    map (filters[-1], 64 / 2^(layers - 1), same) flattened gives the f features."""
 
     def __init__(self, filters: tuple[int, ...]):
         super().__init__()
@@ -181,23 +191,23 @@ class Encoder(nn.Module):
         self.out_dim = filters[-1] * (64 // 2 ** (len(filters) - 1)) ** 2
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs (N, 64, 64, 3) uint8 -> features (N, 1024)."""
-        x = obs.permute(0, 3, 1, 2).float().div(255)  # (N, 3, 64, 64), channels_last in memory: no copy
+        """obs (m, 64, 64, 3) uint8 -> features (m, f)."""
+        x = obs.permute(0, 3, 1, 2).float().div(255)  # (m, 3, 64, 64), channels_last in memory: no copy
         if self.training:
-            return self.net(x).flatten(1)  # (N, 1024)
+            return self.net(x).flatten(1)  # (m, f)
         for conv, norm in zip(self.net[0::3], self.net[1::3], strict=True):  # eval: BatchNorm folded into the conv
-            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)  # (C_out,)
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)  # (the conv's output channels,)
             bias = (conv.bias - norm.running_mean) * scale + norm.bias
             x = F.silu(F.conv2d(x, conv.weight * scale[:, None, None, None], bias, conv.stride, conv.padding))
-        return x.flatten(1)  # (N, 1024)
+        return x.flatten(1)  # (m, f)
 
 
 class Decoder(nn.Module):
-    """Mirror of the encoder: linear -> (64, 4, 4), transposed convs (64, 64, 48, 32, 16), last to RGB."""
+    """Mirror of the encoder: linear -> its last map, transposed convs through the filters reversed, one to RGB."""
 
     def __init__(self, filters: tuple[int, ...], latent_dim: int):
         super().__init__()
-        mirrored = filters[::-1]  # (64, 64, 48, 32, 16)
+        mirrored = filters[::-1]  # the encoder's widths, last first
         self.start_shape = (mirrored[0], 64 // 2 ** (len(filters) - 1), 64 // 2 ** (len(filters) - 1))
         self.linear = nn.Linear(latent_dim, math.prod(self.start_shape))
         layers = [nn.BatchNorm2d(mirrored[0]), nn.SiLU()]
@@ -208,9 +218,9 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z (N, 1024) -> reconstruction (N, 3, 64, 64) in [0, 1]."""
+        """z (m, z) -> reconstruction (m, 3, 64, 64) in [0, 1]."""
         x = self.linear(z).view(-1, *self.start_shape).contiguous(memory_format=torch.channels_last)
-        return torch.sigmoid(self.net(x))  # (N, 3, 64, 64)
+        return torch.sigmoid(self.net(x))  # (m, 3, 64, 64)
 
 
 def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
@@ -220,84 +230,85 @@ def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
 
 
 def sample_latent(probs: torch.Tensor) -> torch.Tensor:
-    """One-hot sample with straight-through gradients (Bengio et al., 2013): (..., 32, 32) -> (..., 1024).
+    """One-hot sample with straight-through gradients (Bengio et al., 2013): (..., zv, zc) -> (..., z).
 
     Inverse-CDF sampling: the class is the number of cumulative probabilities below u ~ U(0, 1) (on CPU 7-10x
     faster than torch.multinomial, which the imagination rollout calls 16 times per update).
     """
-    cdf = probs.detach().float().cumsum(-1)  # (..., 32, 32)
-    u = torch.rand(*probs.shape[:-1], 1, device=probs.device)  # (..., 32, 1)
-    index = (cdf < u).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)  # (..., 32, 1)
-    onehot = torch.zeros_like(probs).scatter_(-1, index, 1.0)  # (..., 32, 32)
-    return (onehot + probs - probs.detach()).flatten(-2)  # (..., 1024)
+    cdf = probs.detach().float().cumsum(-1)  # (..., zv, zc)
+    u = torch.rand(*probs.shape[:-1], 1, device=probs.device)  # (..., zv, 1)
+    index = (cdf < u).sum(-1, keepdim=True).clamp(max=probs.shape[-1] - 1)  # (..., zv, 1)
+    onehot = torch.zeros_like(probs).scatter_(-1, index, 1.0)  # (..., zv, zc)
+    return (onehot + probs - probs.detach()).flatten(-2)  # (..., z)
 
 
 def categorical_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of (..., 32, 32) probabilities, summed over the 32 categoricals -> (...)."""
+    """KL(p || q) of (..., zv, zc) probabilities, summed over the zv categoricals -> (...)."""
     return (p * (p.log() - q.log())).sum((-2, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-2 mixer (Dao & Gu, 2024), pure PyTorch, with mamba_ssm's parameter names and inference cache.
 #
-# Glossary: B batch, L sequence length, D d_model, E d_inner = expand * D, H heads, P head dimension
-# (E = H * P), N state size, K d_conv, C chunks of length T (L = C * T after padding).
+# Its letters, with b, l, d, e, n, k above: g heads of dimension p (e = g * p); the scan cuts a sequence into
+# c chunks of q steps (l = c * q after padding).
 # The SSM of every head is h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = h_t C_t + D x_t (paper eq. 1-2)
 # with a scalar A per head (SSD). Training computes it as a matrix product (eq. 3-4) in chunks:
-# quadratic inside a chunk, a recurrence over chunk states between chunks, O(L) overall.
+# quadratic inside a chunk, a recurrence over chunk states between chunks, O(l) overall.
 # Left out: ngroups > 1, the fused CUDA conv and gated norm (only the scan uses mamba_ssm's kernel).
 # ----------------------------------------------------------------------------------------------------------
 def segment_sum(x: torch.Tensor) -> torch.Tensor:
-    """(..., T) -> (..., T, T) with out[..., i, j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal.
+    """(..., s) -> (..., s, s) with out[..., i, j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal.
 
-    Summing masked copies (rather than differencing one cumsum) keeps exp(out) exact for long chunks.
+    Summing masked copies (rather than differencing one cumsum) keeps exp(out) exact for long chunks (s: q or c + 1).
     """
-    T = x.shape[-1]
-    x = x[..., None].expand(*x.shape, T)  # (..., T, T): x[..., i, j] = x[i]
-    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    s = x.shape[-1]
+    x = x[..., None].expand(*x.shape, s)  # (..., s, s): x[..., i, j] = x[i]
+    strictly_lower = torch.tril(torch.ones(s, s, dtype=torch.bool, device=x.device), diagonal=-1)
     x = x.masked_fill(~strictly_lower, 0)
-    out = torch.cumsum(x, dim=-2)  # (..., T, T)
-    return out.masked_fill(~torch.tril(strictly_lower | torch.eye(T, dtype=torch.bool, device=x.device)), -torch.inf)
+    out = torch.cumsum(x, dim=-2)  # (..., s, s)
+    return out.masked_fill(~torch.tril(strictly_lower | torch.eye(s, dtype=torch.bool, device=x.device)), -torch.inf)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
     """Chunked SSD scan (Dao & Gu 2024, "minimal SSD"). Returns y and the final state.
 
-    x (B, L, H, P), dt (B, L, H) after softplus, A (H,) negative, B and C (B, L, N), initial_state (B, H, P, N).
-    y (B, L, H, P); final_state (B, H, P, N). The D skip connection is added by the caller.
+    x (b, l, g, p), dt (b, l, g) after softplus, A (g,) negative, B and C (b, l, n), initial_state (b, g, p, n).
+    y (b, l, g, p); final_state (b, g, p, n). The D skip connection is added by the caller.
+    The einsum subscripts use the same letters; i and j are steps of a chunk, s a chunk boundary.
     """
     batch, length, heads, headdim = x.shape
-    T = min(chunk_size, length)
-    pad = (-length) % T  # zero inputs with zero decay leave the state unchanged
-    x = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad))  # (B, L', H, P): dt folded into x
-    a = F.pad(dt * A, (0, 0, 0, pad))  # (B, L', H): log-decay of each step
-    B, C = F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))  # (B, L', N)
-    chunks = x.shape[1] // T
-    x = x.view(batch, chunks, T, heads, headdim)  # (B, C, T, H, P)
-    B, C = B.view(batch, chunks, T, -1), C.view(batch, chunks, T, -1)  # (B, C, T, N)
-    a = a.view(batch, chunks, T, heads).permute(0, 3, 1, 2)  # (B, H, C, T)
-    a_cumsum = torch.cumsum(a, dim=-1)  # (B, H, C, T)
+    chunk_length = min(chunk_size, length)  # q
+    pad = (-length) % chunk_length  # zero inputs with zero decay leave the state unchanged
+    x = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad))  # (b, c*q, g, p): dt folded into x
+    a = F.pad(dt * A, (0, 0, 0, pad))  # (b, c*q, g): log-decay of each step
+    B, C = F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))  # (b, c*q, n)
+    chunks = x.shape[1] // chunk_length
+    x = x.view(batch, chunks, chunk_length, heads, headdim)  # (b, c, q, g, p)
+    B, C = B.view(batch, chunks, chunk_length, -1), C.view(batch, chunks, chunk_length, -1)  # (b, c, q, n)
+    a = a.view(batch, chunks, chunk_length, heads).permute(0, 3, 1, 2)  # (b, g, c, q)
+    a_cumsum = torch.cumsum(a, dim=-1)  # (b, g, c, q)
 
     # 1. inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1} + ... + a_i) x_j   (eq. 3-4)
-    decay = torch.exp(segment_sum(a))  # (B, H, C, T, T)
-    scores = torch.einsum("bcin,bcjn->bcij", C, B)  # (B, C, T, T)
-    y = torch.einsum("bhcij,bcjhp->bcihp", decay * scores[:, None], x)  # (B, C, T, H, P)
+    decay = torch.exp(segment_sum(a))  # (b, g, c, q, q)
+    scores = torch.einsum("bcin,bcjn->bcij", C, B)  # (b, c, q, q)
+    y = torch.einsum("bgcij,bcjgp->bcigp", decay * scores[:, None], x)  # (b, c, q, g, p)
 
     # 2. the state each chunk ends in, from its own inputs
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (B, H, C, T)
-    states = torch.einsum("bcjn,bhcj,bcjhp->bchpn", B, decay_to_end, x)  # (B, C, H, P, N)
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (b, g, c, q)
+    states = torch.einsum("bcjn,bgcj,bcjgp->bcgpn", B, decay_to_end, x)  # (b, c, g, p, n)
 
     # 3. recurrence over chunk boundaries: the state entering each chunk
     if initial_state is None:
         initial_state = torch.zeros_like(states[:, 0])
-    states = torch.cat([initial_state[:, None].to(states.dtype), states], dim=1)  # (B, C+1, H, P, N)
-    chunk_decay = torch.exp(segment_sum(F.pad(a_cumsum[..., -1], (1, 0))))  # (B, H, C+1, C+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)  # (B, C+1, H, P, N)
+    states = torch.cat([initial_state[:, None].to(states.dtype), states], dim=1)  # (b, c+1, g, p, n)
+    chunk_decay = torch.exp(segment_sum(F.pad(a_cumsum[..., -1], (1, 0))))  # (b, g, c+1, c+1)
+    states = torch.einsum("bgsc,bcgpn->bsgpn", chunk_decay, states)  # (b, c+1, g, p, n)
     entering, final_state = states[:, :-1], states[:, -1]
 
     # 4. the entering state's contribution to each output: C_i . (exp(a_1 + ... + a_i) state)
-    y = y + torch.einsum("bcin,bchpn,bhci->bcihp", C, entering, torch.exp(a_cumsum))  # (B, C, T, H, P)
-    return y.reshape(batch, chunks * T, heads, headdim)[:, :length], final_state
+    y = y + torch.einsum("bcin,bcgpn,bgci->bcigp", C, entering, torch.exp(a_cumsum))  # (b, c, q, g, p)
+    return y.reshape(batch, chunks * chunk_length, heads, headdim)[:, :length], final_state
 
 
 class GatedRMSNorm(nn.Module):
@@ -317,9 +328,9 @@ class Mamba2(nn.Module):
     """Mamba-2 mixer: in_proj -> causal conv -> SSD scan -> gated RMSNorm -> out_proj (ngroups 1).
 
     `forward` runs a sequence (chunked, no loop over time) and returns the inference state it ends in;
-    given a state it continues from it. `step` advances one token. State: conv_state (B, E + 2N, K), the
-    last K conv inputs, newest last; ssm_state (B, H, P, N), as mamba_ssm's inference cache; both contiguous
-    and at least fp32 (also under bf16 autocast), so a compiled `step` sees one input type from its first call.
+    given a state it continues from it. `forward_token` advances one token. State: conv_state (b, e + 2n, k), the
+    last k conv inputs, newest last; ssm_state (b, g, p, n), as mamba_ssm's inference cache; both contiguous and at
+    least fp32 (also under bf16 autocast), so a compiled `forward_token` sees one input type from its first call.
     """
 
     def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, headdim: int, chunk_size: int):
@@ -335,6 +346,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm = GatedRMSNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.fused_scan_on = "cuda" if TRITON_SCAN else None  # device type that runs mamba_ssm's scan (None: none)
 
     def allocate_state(self, batch_size: int, device=None, dtype=None):
         conv_state = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)
@@ -345,41 +357,41 @@ class Mamba2(nn.Module):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)  # z, xBC, dt
 
     def forward(self, u: torch.Tensor, state=None):
-        """u (B, L, D) -> y (B, L, D), (conv_state, ssm_state) after the last token."""
+        """u (b, l, d) -> y (b, l, d), (conv_state, ssm_state) after the last token."""
         batch, length, _ = u.shape
-        z, xBC, dt = self._split(self.in_proj(u))  # (B, L, E), (B, L, E + 2N), (B, L, H)
+        z, xBC, dt = self._split(self.in_proj(u))  # (b, l, e), (b, l, e + 2n), (b, l, g)
         if state is None:  # a fresh sequence: zero conv inputs before it, zero SSM state
             state = (torch.zeros(batch, self.conv_dim, self.d_conv, device=u.device, dtype=u.dtype), None)
         conv_state, initial_state = state
-        xBC = torch.cat([conv_state[..., 1:].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, E + 2N, K-1+L)
-        conv_state = xBC[..., -self.d_conv :]  # (B, E + 2N, K)
-        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))  # (B, E + 2N, L)
+        xBC = torch.cat([conv_state[..., 1:].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (b, e + 2n, k-1+l)
+        conv_state = xBC[..., -self.d_conv :]  # (b, e + 2n, k)
+        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))  # (b, e + 2n, l)
         x, B, C = xBC.transpose(1, 2).split([self.d_inner, self.d_state, self.d_state], dim=-1)
-        x = x.reshape(batch, length, self.nheads, self.headdim)  # (B, L, H, P)
-        dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
-        A = -torch.exp(self.A_log.to(torch.promote_types(dt.dtype, torch.float32)))  # (H,) at least fp32
-        if u.is_cuda and mamba_chunk_scan_combined is not None:
+        x = x.reshape(batch, length, self.nheads, self.headdim)  # (b, l, g, p)
+        dt = F.softplus(dt + self.dt_bias)  # (b, l, g)
+        A = -torch.exp(self.A_log.to(torch.promote_types(dt.dtype, torch.float32)))  # (g,) at least fp32
+        if u.device.type == self.fused_scan_on:
             y, ssm_state = mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
                                                      initial_states=initial_state, return_final_states=True)
         else:
             y, ssm_state = ssd_scan(x, dt, A, B, C, self.chunk_size, initial_state)
-        y = y + x * self.D[:, None]  # (B, L, H, P)
-        y = self.norm(y.reshape(batch, length, self.d_inner), z)  # (B, L, E)
-        dtype = torch.promote_types(conv_state.dtype, torch.float32)  # bf16 under autocast -> fp32, as `step` keeps it
+        y = y + x * self.D[:, None]  # (b, l, g, p)
+        y = self.norm(y.reshape(batch, length, self.d_inner), z)  # (b, l, e)
+        dtype = torch.promote_types(conv_state.dtype, torch.float32)  # bf16 -> fp32, as `forward_token` keeps its state
         return self.out_proj(y), (conv_state.to(dtype).contiguous(), ssm_state.to(dtype).contiguous())
 
-    def step(self, u: torch.Tensor, state):
-        """One token: u (B, D) -> y (B, D), new (conv_state, ssm_state) (no in-place update)."""
+    def forward_token(self, u: torch.Tensor, state):
+        """One token: u (b, d) -> y (b, d), new (conv_state, ssm_state) (no in-place update)."""
         conv_state, ssm_state = state
-        z, xBC, dt = self._split(self.in_proj(u))  # (B, E), (B, E + 2N), (B, H)
-        conv_state = torch.cat([conv_state[..., 1:], xBC[..., None].to(conv_state.dtype)], dim=-1)  # (B, E+2N, K)
-        xBC = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, E + 2N)
+        z, xBC, dt = self._split(self.in_proj(u))  # (b, e), (b, e + 2n), (b, g)
+        conv_state = torch.cat([conv_state[..., 1:], xBC[..., None].to(conv_state.dtype)], dim=-1)  # (b, e+2n, k)
+        xBC = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (b, e + 2n)
         x, B, C = xBC.split([self.d_inner, self.d_state, self.d_state], dim=-1)
-        x = x.view(-1, self.nheads, self.headdim)  # (B, H, P)
-        dt = F.softplus(dt + self.dt_bias)  # (B, H)
-        decay = torch.exp(dt * -torch.exp(self.A_log.to(torch.promote_types(dt.dtype, torch.float32))))  # (B, H)
+        x = x.view(-1, self.nheads, self.headdim)  # (b, g, p)
+        dt = F.softplus(dt + self.dt_bias)  # (b, g)
+        decay = torch.exp(dt * -torch.exp(self.A_log.to(torch.promote_types(dt.dtype, torch.float32))))  # (b, g)
         ssm_state = (ssm_state * decay[..., None, None]).addcmul_((dt[..., None] * x)[..., None], B[:, None, None, :])
-        y = (ssm_state @ C[:, None, :, None]).squeeze(-1) + x * self.D[:, None]  # (B, H, P)
+        y = (ssm_state @ C[:, None, :, None]).squeeze(-1) + x * self.D[:, None]  # (b, g, p)
         return self.out_proj(self.norm(y.reshape(-1, self.d_inner), z)), (conv_state, ssm_state)
 
 
@@ -398,8 +410,8 @@ class MambaBlock(nn.Module):
         y, state = self.mixer(self.norm(x), state)
         return x + y, state
 
-    def step(self, x, state):
-        y, state = self.mixer.step(self.norm(x), state)
+    def forward_token(self, x, state):
+        y, state = self.mixer.forward_token(self.norm(x), state)
         return x + y, state
 
 
@@ -426,20 +438,20 @@ class Dynamics(nn.Module):
         return self.stem(torch.cat([z, F.one_hot(action, self.action_dim).to(z.dtype)], dim=-1))
 
     def forward(self, z: torch.Tensor, action: torch.Tensor, state=None):
-        """z (B, L, 1024), action (B, L) -> h (B, L, 512), per-block inference states after the last step."""
-        x = self._input(z, action)  # (B, L, 512)
+        """z (b, l, z), action (b, l) -> h (b, l, d), per-block inference states after the last step."""
+        x = self._input(z, action)  # (b, l, d)
         states = []
         for i, block in enumerate(self.blocks):
             x, block_state = block(x, state[i] if state is not None else None)
             states.append(block_state)
         return self.norm(x), states
 
-    def step(self, z: torch.Tensor, action: torch.Tensor, state):
-        """z (B, 1024), action (B,) -> h (B, 512), new states (imagination: constant cost per step)."""
-        x = self._input(z, action)  # (B, 512)
+    def forward_token(self, z: torch.Tensor, action: torch.Tensor, state):
+        """One (z, a) token: z (b, z), action (b,) -> h (b, d), new states (imagination: constant cost per token)."""
+        x = self._input(z, action)  # (b, d)
         states = []
         for block, block_state in zip(self.blocks, state, strict=True):
-            x, block_state = block.step(x, block_state)
+            x, block_state = block.forward_token(x, block_state)
             states.append(block_state)
         return self.norm(x), states
 
@@ -455,15 +467,18 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.expm1(x.abs())
 
 
-class TwoHotSymlog(nn.Module):
-    """255 bins uniform in symlog space on [-20, 20]; targets as two-hot vectors (DreamerV3)."""
+TWOHOT_BINS = 255  # outputs of the reward head and the critics (DreamerV3)
 
-    def __init__(self, bins: int = 255, low: float = -20.0, high: float = 20.0):
+
+class TwoHotSymlog(nn.Module):
+    """TWOHOT_BINS bins uniform in symlog space on [-20, 20]; targets as two-hot vectors (DreamerV3)."""
+
+    def __init__(self, bins: int = TWOHOT_BINS, low: float = -20.0, high: float = 20.0):
         super().__init__()
         self.register_buffer("bins", torch.linspace(low, high, bins), persistent=False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x (...) -> two-hot (..., 255) of symlog(x)."""
+        """x (...) -> two-hot (..., bins) of symlog(x)."""
         y = symlog(x).clamp(self.bins[0], self.bins[-1])
         below = (torch.bucketize(y, self.bins, right=True) - 1).clamp(0, len(self.bins) - 2)  # (...)
         weight_above = (y - self.bins[below]) / (self.bins[below + 1] - self.bins[below])  # (...)
@@ -473,7 +488,7 @@ class TwoHotSymlog(nn.Module):
         return twohot
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (..., 255) -> expected value in real space (...)."""
+        """logits (..., bins) -> expected value in real space (...)."""
         return symexp((logits.float().softmax(-1) * self.bins).sum(-1))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -513,7 +528,7 @@ class WorldModel(nn.Module):
         self.decoder = Decoder(args.encoder_filters, latent_dim)
         self.dynamics = Dynamics(args, latent_dim, action_dim)
         self.prior_head = nn.Linear(args.d_model, latent_dim)
-        self.reward_head = mlp_head(args.d_model, args.head_hidden, 255)
+        self.reward_head = mlp_head(args.d_model, args.head_hidden, TWOHOT_BINS)
         self.termination_head = mlp_head(args.d_model, args.head_hidden, 1)
         self.twohot = TwoHotSymlog()
         self.args = args
@@ -522,41 +537,46 @@ class WorldModel(nn.Module):
         self.to(memory_format=torch.channels_last)  # conv VAE: NHWC is 1.1-1.3x faster on CPU
 
     def posterior(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs (..., 64, 64, 3) uint8 -> posterior probabilities (..., 32, 32) with 1% unimix."""
-        features = self.encoder(obs.reshape(-1, *obs.shape[-3:]))  # (N, 1024)
+        """obs (..., 64, 64, 3) uint8 -> posterior probabilities (..., zv, zc) with 1% unimix."""
+        features = self.encoder(obs.reshape(-1, *obs.shape[-3:]))  # (m, f)
         return unimix_probs(self.posterior_head(features).view(*obs.shape[:-3], *self.stoch_shape))
 
     def prior(self, h: torch.Tensor) -> torch.Tensor:
-        """h (..., 512) -> prior probabilities over the next latent (..., 32, 32) with 1% unimix."""
+        """h (..., d) -> prior probabilities over the next latent (..., zv, zc) with 1% unimix."""
         return unimix_probs(self.prior_head(h).view(*h.shape[:-1], *self.stoch_shape))
 
     def reward(self, h: torch.Tensor) -> torch.Tensor:
-        """Predicted reward of the action that led to h: (..., 512) -> (...)."""
+        """Predicted reward of the action that led to h: (..., d) -> (...)."""
         return self.twohot.decode(self.reward_head(h))
 
     def continuation(self, h: torch.Tensor) -> torch.Tensor:
-        """1 where the episode goes on after the action that led to h, 0 where it terminates."""
+        """1 where the episode goes on after the action that led to h, 0 where it terminates: a hard 0/1, 1 where the
+        termination logit is <= 0 (probability <= 0.5). DreamerV3's published code puts the probability of going on
+        into the returns and the loss weights (its 2023 code took the 0/1 mode, as here)."""
         return (self.termination_head(h).squeeze(-1) <= 0).float()
 
     def loss(self, obs, actions, rewards, terminations):
-        """Paper eq. 6-7 on a batch: obs (B, L, 64, 64, 3) uint8, actions (B, L), rewards/terminations (B, L).
+        """Paper eq. 6-7 on a batch: obs (b, l, 64, 64, 3) uint8, actions (b, l), rewards/terminations (b, l).
 
         h_t (from z_<=t, a_<=t) predicts z_{t+1}, the reward r_t of a_t and the termination after a_t.
         """
         batch, length = actions.shape
-        posterior = self.posterior(obs)  # (B, L, 32, 32)
-        z = sample_latent(posterior)  # (B, L, 1024)
-        reconstruction = self.decoder(z.flatten(0, 1))  # (B*L, 3, 64, 64)
-        target = obs.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)  # (B*L, 3, 64, 64)
+        posterior = self.posterior(obs)  # (b, l, zv, zc)
+        z = sample_latent(posterior)  # (b, l, z)
+        reconstruction = self.decoder(z.flatten(0, 1))  # (b*l, 3, 64, 64)
+        target = obs.flatten(0, 1).permute(0, 3, 1, 2).float().div(255)  # (b*l, 3, 64, 64)
         reconstruction_loss = (reconstruction - target).pow(2).sum((1, 2, 3)).mean()
-        h, _ = self.dynamics(z, actions)  # (B, L, 512)
+        h, _ = self.dynamics(z, actions)  # (b, l, d)
         reward_loss = self.twohot.loss(self.reward_head(h), rewards).mean()
-        termination_logits = self.termination_head(h).squeeze(-1).float()  # (B, L)
+        termination_logits = self.termination_head(h).squeeze(-1).float()  # (b, l)
         termination_loss = F.binary_cross_entropy_with_logits(termination_logits, terminations)
-        prior = self.prior(h[:, :-1])  # (B, L-1, 32, 32): predictions of z_1 .. z_{L-1}
-        next_posterior = posterior[:, 1:]  # (B, L-1, 32, 32)
+        prior = self.prior(h[:, :-1])  # (b, l-1, zv, zc): predictions of z_1 .. z_{l-1}
+        next_posterior = posterior[:, 1:]  # (b, l-1, zv, zc)
         dynamics_kl = categorical_kl(next_posterior.detach(), prior).mean()
         representation_kl = categorical_kl(next_posterior, prior.detach()).mean()
+        # free bits on the batch mean, as the published code: no step's KL gets a gradient while the mean is below
+        # free_bits, every step's does above it. DreamerV3 ("World model learning") takes max(1, KL) of each step
+        # before the mean: only the steps above 1 nat are pushed down.
         dynamics_loss = dynamics_kl.clamp(min=self.args.free_bits)
         representation_loss = representation_kl.clamp(min=self.args.free_bits)
         total = reconstruction_loss + reward_loss + termination_loss  # paper eq. 7
@@ -593,7 +613,7 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Merge the statistics of a batch x (N, dim) (parallel variance formula)."""
+        """Merge the statistics of a batch x (m, dim) (parallel variance formula)."""
         batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         total = self.count + n
         delta = batch_mean - self.mean
@@ -621,8 +641,9 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequentia
 
 
 class ActorCritic(nn.Module):
-    """Actor (2 x 256) on the running-normalised concat(z, h) (1536); critic and slow critic (2 x 512, 255-bin
-    symlog two-hot) on the raw concat(z, h), as the published code (z is one-hot, h comes out of an RMSNorm)."""
+    """Actor (2 hidden layers) on the running-normalised concat(z, h) (z + d features); critic and slow critic (2
+    hidden layers, symlog two-hot over TWOHOT_BINS) on the raw concat(z, h), as the published code (z is one-hot, h
+    comes out of an RMSNorm)."""
 
     def __init__(self, args: Args, feature_dim: int, action_dim: int):
         super().__init__()
@@ -630,9 +651,9 @@ class ActorCritic(nn.Module):
         self.norm = RunningNorm(feature_dim)
         self.actor = mlp(feature_dim, args.actor_hidden, action_dim)
         nn.init.orthogonal_(self.actor[-1].weight, gain=0.001)
-        self.critic = mlp(feature_dim, args.critic_hidden, 255)
+        self.critic = mlp(feature_dim, args.critic_hidden, TWOHOT_BINS)
         nn.init.zeros_(self.critic[-1].weight)  # DreamerV3: the critic starts predicting 0
-        self.slow_critic = mlp(feature_dim, args.critic_hidden, 255)
+        self.slow_critic = mlp(feature_dim, args.critic_hidden, TWOHOT_BINS)
         self.slow_critic.load_state_dict(self.critic.state_dict())
         self.slow_critic.requires_grad_(False)
         self.twohot = TwoHotSymlog()
@@ -645,7 +666,7 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def act(self, features: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """features (N, 1536) -> actions (N,)."""
+        """features (b, z + d) -> actions (b,)."""
         policy = self.policy(features)
         return policy.probs.argmax(-1) if greedy else policy.sample()
 
@@ -654,23 +675,30 @@ class ActorCritic(nn.Module):
         return self.twohot.decode(critic(features))
 
     def loss(self, features, actions, rewards, continuations):
-        """Imagined trajectories: features (B, H+1, 1536), actions/rewards/continuations (B, H)."""
-        critic_logits = self.critic(features)  # (B, H+1, 255): one pass for targets and loss
-        values = self.twohot.decode(critic_logits.detach())  # (B, H+1)
+        """Imagined trajectories: features (b, v+1, z+d), actions/rewards/continuations (b, v)."""
+        critic_logits = self.critic(features)  # (b, v+1, bins): one pass for targets and loss
+        values = self.twohot.decode(critic_logits.detach())  # (b, v+1)
         with torch.no_grad():
             returns = lambda_returns(rewards, continuations, values, self.args.gamma, self.args.lam)
-            slow_values = self.value(features, slow=True)  # (B, H+1)
+            slow_values = self.value(features, slow=True)  # (b, v+1)
             slow_returns = lambda_returns(rewards, continuations, slow_values, self.args.gamma, self.args.lam)
             low, high = nearest_rank(returns, 0.05), nearest_rank(returns, 0.95)
             decay = self.args.return_norm_decay
             self.return_low.lerp_(low, 1 - decay)
             self.return_high.lerp_(high, 1 - decay)
             scale = (self.return_high - self.return_low).clamp(min=1.0)  # S = max(1, P95 - P5)
-        policy = self.policy(features[:, :-1])  # (B, H) actions
-        advantage = (returns - values[:, :-1]) / scale  # (B, H)
-        entropy = policy.entropy()  # (B, H)
+        policy = self.policy(features[:, :-1])  # (b, v) actions
+        advantage = (returns - values[:, :-1]) / scale  # (b, v)
+        entropy = policy.entropy()  # (b, v)
+        # every imagined step weighs the same in both losses, also the steps after a predicted termination (the
+        # rollout goes on past an episode's end, paper 2.3; the returns stop there, c = 0). DreamerV3's published
+        # code weights each step's actor and critic loss by the product of the predicted continuations before it, so
+        # steps after an imagined termination count for nothing.
         actor_loss = -(policy.log_prob(actions) * advantage).mean() - self.args.entropy_coef * entropy.mean()
-        critic_logits = critic_logits[:, :-1]  # (B, H, 255): the states whose returns are known
+        critic_logits = critic_logits[:, :-1]  # (b, v, bins): the states whose returns are known
+        # the slow critic regularises the critic through a second target, the lambda-returns bootstrapped from the slow
+        # values (same rewards and continuations), as the published code; DreamerV3 ("Critic learning") regularises
+        # towards the slow critic's own prediction at each state instead.
         critic_loss = (self.twohot.loss(critic_logits, returns) + self.twohot.loss(critic_logits, slow_returns)).mean()
         return actor_loss + critic_loss, dict(actor_loss=actor_loss, critic_loss=critic_loss, entropy=entropy.mean(),
                                               return_scale=scale, imagined_return=returns.mean())  # fmt: skip
@@ -689,9 +717,9 @@ def nearest_rank(x: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def lambda_returns(rewards, continuations, values, gamma: float, lam: float) -> torch.Tensor:
-    """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), R_H = V_H (DreamerV3 eq. 7).
+    """R_t = r_t + gamma c_t ((1 - lambda) V_{t+1} + lambda R_{t+1}), R_v = V_v (DreamerV3 eq. 7; v the horizon).
 
-    rewards, continuations (B, H); values (B, H+1) -> returns (B, H).
+    rewards, continuations (b, v); values (b, v+1) -> returns (b, v).
     """
     returns, next_return = [], values[:, -1]
     for t in reversed(range(rewards.shape[1])):
@@ -719,7 +747,7 @@ class Agent(nn.Module):
         self.reset(1)
 
     def reset(self, num_envs: int) -> None:
-        """Empty acting windows for `num_envs` envs: window_z (N, W, 1024) and window_actions (N, W) on the agent's
+        """Empty acting windows for `num_envs` envs: window_z (N, w, z) and window_actions (N, w) on the agent's
         device (made at the first `act`), oldest pair first; window_lengths (N,) on the host: how many each holds."""
         self.window_lengths = np.zeros(num_envs, dtype=np.int64)
         self.window_z = self.window_actions = None
@@ -767,7 +795,7 @@ class Agent(nn.Module):
         self.window_z, self.window_actions = self.window_z.to(device), self.window_actions.to(device)
 
     def _append_to_windows(self, z: torch.Tensor, actions: torch.Tensor) -> None:
-        """Each env's (z (1024,), a) joins its window; a full window drops its oldest pair first."""
+        """Each env's (z (z,), a) joins its window; a full window drops its oldest pair first."""
         full = self.window_lengths == self.args.act_context_length
         if full.any():
             envs = rows_of(np.flatnonzero(full), z.device)
@@ -779,7 +807,7 @@ class Agent(nn.Module):
         self.window_lengths = np.minimum(self.window_lengths + 1, self.args.act_context_length)
 
     def window_state(self) -> dict[str, torch.Tensor]:
-        """The acting windows as CPU tensors (for a checkpoint): "{i}.z" (n_i, 1024) and "{i}.actions" (n_i,) of
+        """The acting windows as CPU tensors (for a checkpoint): "{i}.z" (n_i, z) and "{i}.actions" (n_i,) of
         each env i with a non-empty window, oldest pair first."""
         state = {}
         for i in np.flatnonzero(self.window_lengths):
@@ -904,15 +932,15 @@ class ReplayBuffer:
         return starts
 
     def sequences(self, starts: np.ndarray, length: int, device, distinct_frames: bool = False):
-        """Steps [start, start + length) of each start -> tensors (B, length, ...) on `device`.
+        """Steps [start, start + length) of each start -> tensors (b, length, ...) on `device`.
 
-        With `distinct_frames`, "obs" is replaced by "frames" (U, 64, 64, 3), each distinct frame once, and
-        "frame_index" (B, length) into them: overlapping imagination contexts then encode each frame once.
+        With `distinct_frames`, "obs" is replaced by "frames" (m, 64, 64, 3), each distinct frame once, and
+        "frame_index" (b, length) into them: overlapping imagination contexts then encode each frame once.
         The indices are worked out on the host; on a GPU they are copied there once and the steps gathered there.
         """
-        index = self._physical(starts[:, None] + np.arange(length))  # (B, length)
+        index = self._physical(starts[:, None] + np.arange(length))  # (b, length)
         distinct, inverse = np.unique(index, return_inverse=True) if distinct_frames else (index[:0], index[:0])
-        inverse = inverse.reshape(-1, length)  # (B, length) or, without distinct_frames, empty
+        inverse = inverse.reshape(-1, length)  # (b, length) or, without distinct_frames, empty
         if self.device.type == "cpu":  # numpy's gather: faster than torch's on a CPU
 
             def gather(name: str, at: np.ndarray) -> torch.Tensor:
@@ -960,9 +988,9 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # Imagination (paper 2.3): 8 real context steps, then 16 steps in the world model under the policy
 # ----------------------------------------------------------------------------------------------------------
 def imagine_one_step(world_model: WorldModel, actor_critic: ActorCritic, z, h, state):
-    """s_i = (z_i (B, 1024), h_i (B, 512)) -> a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1})."""
-    action = actor_critic.act(torch.cat([z, h], -1))  # (B,)
-    h, state = world_model.dynamics.step(z, action, state)  # (B, 512)
+    """s_i = (z_i (b, z), h_i (b, d)) -> a_i ~ pi(s_i), h_{i+1} = f(z_i, a_i), z_{i+1} ~ prior(h_{i+1})."""
+    action = actor_critic.act(torch.cat([z, h], -1))  # (b,)
+    h, state = world_model.dynamics.forward_token(z, action, state)  # (b, d)
     return sample_latent(world_model.prior(h)), h, state, action
 
 
@@ -975,17 +1003,17 @@ def compile_one_step():
 
 @torch.no_grad()
 def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: int, rollout_step_fn=imagine_one_step):
-    """Context frames (U, 64, 64, 3) picked by frame_index (B, C), actions (B, C) -> features (B, H+1, 1536),
-    actions, rewards, continuations (B, H).
+    """Context frames (m, 64, 64, 3) picked by frame_index (b, l), actions (b, l) -> features (b, v+1, z+d),
+    actions, rewards, continuations (b, v), with v = horizon.
 
-    s_0 = (z_0 ~ prior(h_ctx), h_ctx), then H calls of `rollout_step_fn` (imagine_one_step, or `compile_one_step`'s).
+    s_0 = (z_0 ~ prior(h_ctx), h_ctx), then v calls of `rollout_step_fn` (imagine_one_step, or `compile_one_step`'s).
     The reward and continuation of a_i are read from h_{i+1}, the state after a_i. A step's outputs may live in
     CUDA-graph memory that the next rollout's replays overwrite: only the stacked copies leave this function.
     """
-    z = sample_latent(world_model.posterior(frames)[frame_index])  # (B, C, 1024)
-    h, state = world_model.dynamics(z, actions)  # (B, C, 512)
-    h = h[:, -1].contiguous()  # (B, 512): laid out as the step's h, so that a compiled step compiles once
-    z = sample_latent(world_model.prior(h))  # (B, 1024)
+    z = sample_latent(world_model.posterior(frames)[frame_index])  # (b, l, z)
+    h, state = world_model.dynamics(z, actions)  # (b, l, d)
+    h = h[:, -1].contiguous()  # (b, d): laid out as the step's h, so that a compiled step compiles once
+    z = sample_latent(world_model.prior(h))  # (b, z)
     if z.is_cuda:
         torch.compiler.cudagraph_mark_step_begin()  # a new rollout: a compiled step's graphs replay from the first
     zs, hs, taken = [z], [h], []
@@ -994,8 +1022,8 @@ def imagine(world_model, actor_critic, frames, frame_index, actions, horizon: in
         zs.append(z)
         hs.append(h)
         taken.append(action)
-    h = torch.stack(hs, 1)  # (B, H+1, 512)
-    rewards, continuations = world_model.reward(h[:, 1:]), world_model.continuation(h[:, 1:])  # (B, H)
+    h = torch.stack(hs, 1)  # (b, v+1, d)
+    rewards, continuations = world_model.reward(h[:, 1:]), world_model.continuation(h[:, 1:])  # (b, v)
     return torch.cat([torch.stack(zs, 1), h], -1), torch.stack(taken, 1), rewards, continuations
 
 
@@ -1050,14 +1078,14 @@ def make_optimizer(parameters, lr: float, warmup: int):
 
 def main(args: Args) -> None:
     # TRY NOT TO MODIFY: resuming, checks, run folder, device, precision, seeding, logging
-    args, saved = checkpoint.resume(args, VARIANT)  # --resume: the saved run's settings and training state
+    args, saved = runs.resume(args, VARIANT)  # --resume: the saved run's settings and training state
     check_args(args)
-    run_name, run_dir, device, autocast = start_run(args, saved)
+    run_name, run_dir, device, autocast = start_run(args, saved, TRITON_SCAN)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    writer = start_logging(args, run_name, run_dir, purge_step=saved[1]["global_step"] if saved else None)
+    writer = start_logging(args, run_name, run_dir, purge_step=saved.global_step if saved else None)
 
     # TRY NOT TO MODIFY: env setup
     env = make_env(args.env_id, args.seed, 0, args.capture_video, run_name, sticky_actions=args.sticky_actions)()
@@ -1076,20 +1104,18 @@ def main(args: Args) -> None:
     first_step, updates, update_budget, episode_start = 0, 0, 0.0, True
     recent_returns, action_history = deque(maxlen=5), []
 
-    def loop_state(global_step: int) -> dict:  # what --resume needs, gathered when a checkpoint is written or read
-        return dict(agent=agent, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler, ac_optimizer=ac_optimizer,
-                    ac_scheduler=ac_scheduler, buffer=buffer, rng=rng, window=agent,
-                    action_history=action_history, recent_returns=recent_returns, global_step=global_step,
-                    updates=updates, update_budget=update_budget, episode_start=episode_start, run_name=run_name,
-                    args=args)  # fmt: skip
+    def training_state(global_step: int) -> checkpoint.TrainingState:  # what --resume needs, when saved or read
+        return checkpoint.TrainingState(args, run_name, agent, wm_optimizer, wm_scheduler, ac_optimizer, ac_scheduler,
+                                        buffer, rng, action_history, recent_returns, global_step, updates,
+                                        update_budget, episode_start)  # fmt: skip
 
     if saved:  # the loop's objects get their saved state back, the env replays the saved actions
-        first_step, updates, update_budget, episode_start, obs = checkpoint.resume_loop(loop_state(0), saved, env)
+        first_step, updates, update_budget, episode_start, obs = checkpoint.resume_loop(training_state(0), saved, env)
     else:
         obs, _ = env.reset(seed=args.seed)
     progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
     step, checkpointed = first_step, first_step if saved else None  # env steps taken; of the last checkpoint
-    stop = checkpoint.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
+    stop = runs.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
     for global_step in range(first_step, args.total_timesteps):
         # ALGO LOGIC: collect (random actions before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:
@@ -1128,7 +1154,7 @@ def main(args: Args) -> None:
         # TRY NOT TO MODIFY: checkpoint, progress line, stop
         step = global_step + 1
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+            checkpoint.save_training_state(run_dir, training_state(step), VARIANT)
             checkpointed = step
         progress.step(global_step, updates, recent_returns, writer)
         if stop.signal:
@@ -1137,12 +1163,12 @@ def main(args: Args) -> None:
 
     # TRY NOT TO MODIFY: save (a stopped run always saves its state), evaluate, upload
     if (args.checkpoint_every or stop.signal) and checkpointed != step:
-        checkpoint.save_training_state(run_dir, loop_state(step), VARIANT)
+        checkpoint.save_training_state(run_dir, training_state(step), VARIANT)
     agent_path = checkpoint.save_agent(agent, args, run_dir, VARIANT) if args.save_model else None
     stop.restore()  # from here on, Ctrl-C aborts at once: the run is saved
     if stop.signal:
         writer.close()
-        raise checkpoint.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
+        raise runs.stopped(stop.signal, step, args.total_timesteps, run_dir, VARIANT, agent_path)
     if args.eval_episodes:
         final_evaluation(agent, args, run_dir, writer)
     writer.close()  # flush every event before the upload

@@ -220,7 +220,7 @@ def mamba_stacks(d_model: int, n_layers: int) -> tuple[dict[str, "ResidualStack"
 class ResidualStack(torch.nn.Module):
     """n pre-norm residual blocks x + mixer(RMSNorm(x)), then RMSNorm: the layout of drama_xs.Dynamics.
 
-    `make_mixer()` builds a mixer with the Mamba API: forward(x, state=None) -> (y, state), step(x, state) ->
+    `make_mixer()` builds a mixer with the Mamba API: forward(x, state=None) -> (y, state), forward_token(x, state) ->
     (y, state), allocate_state(batch, device, dtype).
     """
 
@@ -239,11 +239,11 @@ class ResidualStack(torch.nn.Module):
             new_states.append(state)
         return self.norm(x), new_states
 
-    def step(self, x: torch.Tensor, states):
+    def forward_token(self, x: torch.Tensor, states):
         """x (B, D) -> y (B, D), new states."""
         new_states = []
         for norm, mixer, state in zip(self.norms, self.mixers, states, strict=True):
-            y, state = mixer.step(norm(x), state)
+            y, state = mixer.forward_token(norm(x), state)
             x = x + y
             new_states.append(state)
         return self.norm(x), new_states

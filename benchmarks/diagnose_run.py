@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.checkpoint import CHECKPOINT  # noqa: E402
-from utils.hub import _build_args  # noqa: E402
+from utils.checks import args_from_config  # noqa: E402
 
 
 def scalars(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +47,7 @@ def checkpoint_of(run: Path):
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     progress = json.loads(metadata["progress"])
     module = importlib.import_module(metadata["variant"])
-    agent = module.Agent(_build_args(module, progress["args"]), int(metadata["action_dim"]))
+    agent = module.Agent(args_from_config(module.Args, progress["args"], run / CHECKPOINT), int(metadata["action_dim"]))
     agent.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("agent.")})
     buffer = {k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")}
     if progress["buffer"]["size"] == len(buffer["actions"]) and progress["buffer"]["next"] != 0:  # a full ring

@@ -5,13 +5,13 @@ What it measures
     context of c steps (DRAMA: c = 8, horizon 16). Per model, the time of one step (no grad, eval mode) at
     c in 8, 32, 128, 512, averaged over a rollout of --horizon (16) steps that starts after the context:
       - Mamba-2: 2 pre-norm blocks of drama_xs.Mamba2 (d_model 512, d_state 16, d_conv 4, expand 2, headdim 128)
-        advanced by `step` on its (conv_state, ssm_state): its cost does not depend on c.
+        advanced by `forward_token` on its (conv_state, ssm_state): its cost does not depend on c.
       - Mamba-1: the same blocks with the Mamba1 mixer of drama_mamba1.py, if present.
       - Transformer + KV cache: a minimal 2-layer pre-norm causal transformer (width 512, 8 heads, feed-forward
         1024, as STORM) whose step appends the new key/value to a preallocated cache and attends over the
         c context keys plus the keys generated so far (scaled_dot_product_attention).
       - GRU: 2 stacked torch.nn.GRUCell(512, 512).
-      - drama_xs step: the whole imagination step of drama_xs (actor samples a_i, Dynamics.step, prior head +
+      - drama_xs step: the whole imagination step of drama_xs (actor samples a_i, Dynamics.forward_token, prior head +
         latent sample, reward and termination heads), as in drama_xs.imagine; an extra row for scale.
     The states/caches at the start of the rollout are filled with random values (the cost of a step does not
     depend on them; computing a 512-step context for 1024 trajectories would take minutes on a CPU). A small
@@ -93,7 +93,7 @@ class GRUStack(nn.Module):
         super().__init__()
         self.cells = nn.ModuleList(nn.GRUCell(d_model, d_model) for _ in range(n_layers))
 
-    def step(self, x: torch.Tensor, states: list[torch.Tensor]):
+    def forward_token(self, x: torch.Tensor, states: list[torch.Tensor]):
         new_states = []
         for cell, h in zip(self.cells, states, strict=True):
             x = cell(x, h)
@@ -124,7 +124,7 @@ def self_check(models: dict, device: torch.device) -> list[str]:
             context, state = model(x[:, :5])
             steps = [context]
             for t in range(5, length):
-                y, state = model.step(x[:, t], state)
+                y, state = model.forward_token(x[:, t], state)
                 steps.append(y[:, None])
             error = (torch.cat(steps, 1) - full).abs().max().item()
         elif isinstance(model, KVCachedTransformer):
@@ -199,7 +199,7 @@ def main() -> None:
                         state = start_state
                         with C.autocast(device, args.bf16):
                             for t in range(horizon):
-                                _, state = model.step(xs[t], state)
+                                _, state = model.forward_token(xs[t], state)
                         return state
 
                 rollouts[name] = rollout

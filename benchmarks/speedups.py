@@ -3,7 +3,7 @@
 What it measures
     drama_xs.py computes the same algorithm as before these changes (commit 9f2b760), faster:
       1. latent sampling by inverse CDF instead of torch.multinomial (same distribution, other random stream);
-      2. Mamba2.step updates its SSM state in two passes (mul, then addcmul_) instead of four;
+      2. Mamba2.forward_token updates its SSM state in two passes (mul, then addcmul_) instead of four;
       3. the eval-mode encoder (imagination context, acting) folds BatchNorm into the conv: one pass less;
       4. the imagination context encodes each distinct frame once (context windows of different starts overlap);
       5. `--compile`: torch.compile of the imagination step (optional; a one-time compile of ~20 s).
@@ -43,7 +43,7 @@ def sample_latent_before(probs: torch.Tensor) -> torch.Tensor:
     return (onehot + probs - probs.detach()).flatten(-2)  # (..., 1024)
 
 
-def mamba2_step_before(self, u: torch.Tensor, state):
+def mamba2_forward_token_before(self, u: torch.Tensor, state):
     conv_state, ssm_state = state
     z, xBC, dt = self._split(self.in_proj(u))  # (B, E), (B, E + 2N), (B, H)
     conv_state = torch.cat([conv_state[..., 1:], xBC[..., None].to(conv_state.dtype)], dim=-1)  # (B, E+2N, K)
@@ -80,7 +80,7 @@ def before():
     """drama_xs as it was before speed-ups 1-4."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(m, "sample_latent", sample_latent_before))
-        stack.enter_context(mock.patch.object(m.Mamba2, "step", mamba2_step_before))
+        stack.enter_context(mock.patch.object(m.Mamba2, "forward_token", mamba2_forward_token_before))
         stack.enter_context(mock.patch.object(m.Encoder, "forward", encoder_forward_before))
         stack.enter_context(mock.patch.object(m.ReplayBuffer, "sequences", with_every_frame(m.ReplayBuffer.sequences)))
         yield
@@ -113,9 +113,9 @@ def component_rows(agent, device, rounds: int, batch: int) -> list[list]:
     state = tuple(s.normal_() for s in mixer.allocate_state(batch, device))
     with torch.no_grad():
         add(
-            "2. Mamba2.step (one layer)",
-            lambda: mamba2_step_before(mixer, u, state),
-            lambda: mixer.step(u, state),
+            "2. Mamba2.forward_token (one layer)",
+            lambda: mamba2_forward_token_before(mixer, u, state),
+            lambda: mixer.forward_token(u, state),
             f"batch {batch}",
         )
         frames = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8, device=device)
@@ -137,7 +137,7 @@ def component_rows(agent, device, rounds: int, batch: int) -> list[list]:
     def rollout_before():
         with (
             mock.patch.object(m, "sample_latent", sample_latent_before),
-            mock.patch.object(m.Mamba2, "step", mamba2_step_before),
+            mock.patch.object(m.Mamba2, "forward_token", mamba2_forward_token_before),
         ):
             rollout(m.imagine_one_step)
 

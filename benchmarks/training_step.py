@@ -117,6 +117,7 @@ class Phases:
 def make_agent(m, scale: float, action_dim: int, device: torch.device):
     """m.Args with both batches scaled, the agent, and (wm optimiser, wm schedule, ac optimiser, ac schedule)."""
     a = m.Args()
+    torch.backends.cudnn.deterministic = a.torch_deterministic  # as the script's main: the same conv algorithms
     a.batch_size = max(1, round(a.batch_size * scale))
     a.imagine_batch_size = max(1, round(a.imagine_batch_size * scale))
     agent = m.Agent(a, action_dim).to(device)

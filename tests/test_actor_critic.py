@@ -8,21 +8,11 @@ coefficient or sign, or a critic not trained towards both the lambda-returns and
 
 import copy
 import dataclasses
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling"]
-EXISTING = [v for v in VARIANTS if (ROOT / f"{v}.py").exists()]
 FEATURES, ACTIONS, BATCH, HORIZON = 12, 4, 8, 6
-
-
-@pytest.fixture(params=EXISTING, scope="module")
-def mod(request):
-    return importlib.import_module(request.param)
 
 
 def make_actor_critic(mod, seed: int = 0, actor_scale: float = 0.0, **overrides):

@@ -1,5 +1,10 @@
-"""GPU checks, skipped without CUDA (the Mamba-1 kernel check is in test_mamba1.py; the CPU-checkable parts of the
-CUDA path are in test_gpu_path.py).
+"""What only a GPU can show, skipped without CUDA: mamba_ssm's fused Mamba-2 scan against mamba_ssm's own Mamba2
+module and against our pure-PyTorch scan at the XS size, bf16 on the GPU, a full update, dream, save, load and
+resume on CUDA, and a compiled imagination step that compiles once. benchmarks/gpu_check.py runs this file.
+
+Elsewhere: the CUDA path's logic that a CPU can check (which scan runs and why, the compiler check, the cache
+folders, mixer states) in test_gpu_path.py; the fused scan's maths on a CPU under Triton's interpreter in
+test_fused_scan.py; the Mamba-1 kernel in test_mamba1.py.
 
 TF32 is off in every test here (cuDNN convolutions default to it; its 10-bit mantissa alone moves results by
 ~1e-3). mamba_ssm's Triton kernels may still use TF32 dot products inside for fp32 inputs, so a fused result is
@@ -18,14 +23,20 @@ import pytest
 import torch
 
 import drama_xs
-from utils.checkpoint import read_training_state, restore_training_state, save_agent, save_training_state
+from utils.checkpoint import (
+    TrainingState,
+    read_training_state,
+    restore_training_state,
+    save_agent,
+    save_training_state,
+)
 
 CUDA = torch.device("cuda")
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 needs_fused = pytest.mark.skipif(
     not HAS_CUDA or drama_xs.mamba_chunk_scan_combined is None,
-    reason=f"needs a CUDA GPU and mamba_ssm (README: On a CUDA machine); scan here: {drama_xs.scan_backend(CUDA)}",
+    reason=f"needs a CUDA GPU and mamba_ssm (docs/gpu.md); scan here: {drama_xs.scan_backend(CUDA)}",
 )
 
 
@@ -112,20 +123,20 @@ def test_fused_forward_matches_mamba_ssm_fused_module(fused_calls):
 
 
 @needs_fused
-def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls, monkeypatch):
+def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls):
     """The hand-off the imagination relies on: a fused forward's states continue exactly as the whole sequence
-    would, by `step` (pure PyTorch) and by a fused forward from a given state (initial_states)."""
+    would, by `forward_token` (pure PyTorch) and by a fused forward from a given state (initial_states)."""
     ours = perturbed_mixer()
     x = torch.randn(2, 200, 512, device=CUDA)
     with torch.no_grad():
-        with monkeypatch.context() as pure:
-            pure.setattr(drama_xs, "mamba_chunk_scan_combined", None)
-            expected, _ = ours(x)  # our pure-PyTorch chunked scan, on the GPU
+        ours.fused_scan_on = None
+        expected, _ = ours(x)  # our pure-PyTorch chunked scan, on the GPU
+        ours.fused_scan_on = "cuda"
         _, state = ours(x[:, :150])
         continued, _ = ours(x[:, 150:], state)
         stepped = []
         for t in range(150, 200):
-            y, state = ours.step(x[:, t], state)
+            y, state = ours.forward_token(x[:, t], state)
             stepped.append(y)
     assert len(fused_calls) == 2
     assert rel_err(continued, expected[:, 150:]) < 3e-3
@@ -133,7 +144,7 @@ def test_fused_forward_then_step_or_forward_continues_the_sequence(fused_calls, 
 
 
 @needs_fused
-def test_fused_gradients_match_pure_pytorch(fused_calls, monkeypatch):
+def test_fused_gradients_match_pure_pytorch(fused_calls):
     ours = perturbed_mixer()
     x = torch.randn(2, 200, 512, device=CUDA)
     weights = torch.randn(2, 200, 512, device=CUDA)
@@ -147,7 +158,7 @@ def test_fused_gradients_match_pure_pytorch(fused_calls, monkeypatch):
 
     fused = gradients()
     assert fused_calls
-    monkeypatch.setattr(drama_xs, "mamba_chunk_scan_combined", None)
+    ours.fused_scan_on = None
     pure = gradients()
     for name, grad in pure.items():
         assert rel_err(fused[name], grad) < 1e-2, name
@@ -172,7 +183,7 @@ def test_bf16_world_model_loss_components_close_to_fp32():
         assert math.isclose(bf16[name].item(), fp32[name].item(), rel_tol=0.03, abs_tol=0.01), name
 
 
-def tiny_training(args: drama_xs.Args, action_dim: int = 4) -> dict:
+def tiny_training(args: drama_xs.Args, action_dim: int = 4) -> TrainingState:
     agent = drama_xs.Agent(args, action_dim).to(CUDA)
     wm_optimizer, wm_scheduler = drama_xs.make_optimizer(agent.world_model.parameters(), 1e-3, 10)
     ac_optimizer, ac_scheduler = drama_xs.make_optimizer(agent.actor_critic.parameters(), 1e-3, 10)
@@ -180,12 +191,8 @@ def tiny_training(args: drama_xs.Args, action_dim: int = 4) -> dict:
     rng = np.random.default_rng(0)
     for i in range(64):
         buffer.add(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), i % action_dim, float(i % 5 == 0), 0.0, i == 0)
-    return dict(
-        args=args, agent=agent, buffer=buffer, rng=rng, wm_optimizer=wm_optimizer, wm_scheduler=wm_scheduler,
-        ac_optimizer=ac_optimizer, ac_scheduler=ac_scheduler, global_step=64, updates=0, update_budget=0.0,
-        episode_start=False, recent_returns=deque(maxlen=5), action_history=[0] * 64, window=agent,
-        run_name="cuda",
-    )  # fmt: skip
+    return TrainingState(args, "cuda", agent, wm_optimizer, wm_scheduler, ac_optimizer, ac_scheduler, buffer, rng,
+                         [0] * 64, deque(maxlen=5), 64, 0, 0.0, False)  # fmt: skip
 
 
 TINY = dict(env_id="ALE/Pong-v5", encoder_filters=(8, 8, 8, 8, 8), d_model=64, headdim=32, stoch_categoricals=8,
@@ -204,14 +211,14 @@ def test_one_full_update_dream_save_load_and_resume_on_cuda(tmp_path):
     torch.manual_seed(0)
     args = drama_xs.Args(**TINY)
     training = tiny_training(args)
-    agent, buffer, rng = training["agent"], training["buffer"], training["rng"]
+    agent, buffer, rng = training.agent, training.buffer, training.rng
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     for _ in range(2):
         metrics = drama_xs.train_world_model(
-            agent, training["wm_optimizer"], training["wm_scheduler"], buffer, args, rng, CUDA, autocast
+            agent, training.wm_optimizer, training.wm_scheduler, buffer, args, rng, CUDA, autocast
         )
         metrics |= drama_xs.train_actor_critic(
-            agent, training["ac_optimizer"], training["ac_scheduler"], buffer, args, rng, CUDA, autocast
+            agent, training.ac_optimizer, training.ac_scheduler, buffer, args, rng, CUDA, autocast
         )
     assert all(math.isfinite(float(value)) for value in metrics.values()), metrics
     with SummaryWriter(str(tmp_path / "tb")) as writer:
@@ -229,9 +236,9 @@ def test_one_full_update_dream_save_load_and_resume_on_cuda(tmp_path):
     expected = torch.rand(8, device=CUDA)  # what the run would draw next from the CUDA generator
     restored = tiny_training(args)
     torch.cuda.manual_seed(123)  # another CUDA generator state, as in a fresh process
-    restore_training_state(restored, *read_training_state(str(tmp_path), "drama_xs"))
+    restore_training_state(restored, read_training_state(str(tmp_path), "drama_xs"))
     assert torch.equal(torch.rand(8, device=CUDA), expected)
-    for optimizer in (restored["wm_optimizer"], restored["ac_optimizer"]):
+    for optimizer in (restored.wm_optimizer, restored.ac_optimizer):
         for state in optimizer.state.values():
             assert state["step"].device.type == state["lr_avg"].device.type == "cpu" and state["exp_avg"].is_cuda
 

@@ -20,24 +20,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VARIANTS, tiny_args
 
 import utils
 from utils.atari import make_env
 from utils.checkpoint import read_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling"]
-EXISTING = [v for v in VARIANTS if (ROOT / f"{v}.py").exists()]
-MAMBA2 = [v for v in EXISTING if v in ("drama_xs", "drama_s")]
-MAMBA1 = [v for v in EXISTING if v == "drama_mamba1"]
-WITH_DFS = [v for v in EXISTING if v != "drama_uniform_sampling"]
-WITH_HEADDIM = [v for v in EXISTING if v != "drama_mamba1"]  # Mamba-2 mixers (headdim is a Mamba-2 setting)
+MAMBA2 = [v for v in VARIANTS if v in ("drama_xs", "drama_s")]
+WITH_HEADDIM = [v for v in VARIANTS if v != "drama_mamba1"]  # Mamba-2 mixers (headdim is a Mamba-2 setting)
 F64 = torch.float64
-
-
-@pytest.fixture(params=EXISTING, scope="module")
-def mod(request):
-    return importlib.import_module(request.param)
 
 
 @pytest.fixture(params=MAMBA2, scope="module")
@@ -45,42 +37,9 @@ def mamba2_mod(request):
     return importlib.import_module(request.param)
 
 
-@pytest.fixture(params=WITH_DFS, scope="module")
-def dfs_mod(request):
-    return importlib.import_module(request.param)
-
-
 @pytest.fixture(params=WITH_HEADDIM, scope="module")
 def headdim_mod(request):
     return importlib.import_module(request.param)
-
-
-def tiny_args(mod, **overrides):
-    """A small but complete configuration (fields a variant's Args lacks are left out)."""
-    kwargs = dict(
-        env_id="ALE/Pong-v5",
-        encoder_filters=(4, 8, 8, 8, 8),
-        stoch_categoricals=4,
-        stoch_classes=4,
-        d_model=32,
-        d_state=8,
-        headdim=16,
-        chunk_size=8,
-        head_hidden=16,
-        actor_hidden=16,
-        critic_hidden=16,
-        batch_size=2,
-        sequence_length=16,
-        random_steps=16,
-        buffer_size=1000,
-        imagine_batch_size=8,
-        imagine_context_length=4,
-        imagine_horizon=4,
-        act_context_length=4,
-    )
-    kwargs.update(overrides)
-    fields = {f.name for f in dataclasses.fields(mod.Args)}
-    return mod.Args(**{k: v for k, v in kwargs.items() if k in fields})
 
 
 def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
@@ -169,7 +128,7 @@ def test_mixer_forward_equals_step_by_step(mod):
     step_state = mixer.allocate_state(2, dtype=F64)
     ys = []
     for t in range(u.shape[1]):
-        y_t, step_state = mixer.step(u[:, t], step_state)
+        y_t, step_state = mixer.forward_token(u[:, t], step_state)
         ys.append(y_t)
     torch.testing.assert_close(torch.stack(ys, 1), y, **TOL)
     assert_states_close(step_state, state, **TOL)
@@ -181,13 +140,13 @@ def test_float64_mixer_computes_in_float64(mod):
     """At least fp32 (bf16 autocast -> fp32) must not mean fp32: a float64 mixer stays float64 in forward and step."""
     mixer = mixer_f64(mod)
     u = randn(2, 5, 32, seed=7)
-    _, carried = mixer(u[:, :4])  # a non-zero state for `step` to decay
+    _, carried = mixer(u[:, :4])  # a non-zero state for `forward_token` to decay
     runs = []
     for scale in (1.0, 1 + 1e-10):  # a change of A far below fp32's resolution (6e-8)
         with torch.no_grad():
             mixer.A_log.mul_(scale)
         y, state = mixer(u)
-        y_step, step_state = mixer.step(u[:, 4], carried)
+        y_step, step_state = mixer.forward_token(u[:, 4], carried)
         assert {t.dtype for t in (y, *state, y_step, *step_state)} == {F64}
         runs.append((y, y_step))
     assert not torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][1], runs[1][1])
@@ -205,7 +164,7 @@ def test_mixer_chunked_continuation_from_carried_state(mod, split):
     # forward(prefix), then one step at a time
     step_state, ys = state1, [y1]
     for t in range(split, u.shape[1]):
-        y_t, step_state = mixer.step(u[:, t], step_state)
+        y_t, step_state = mixer.forward_token(u[:, t], step_state)
         ys.append(y_t[:, None])
     torch.testing.assert_close(torch.cat(ys, 1), y, **TOL)
     assert_states_close(step_state, state, **TOL)
@@ -307,9 +266,7 @@ def test_mamba2_parameter_names_and_shapes_match_mamba_ssm(mamba2_mod):
 
 def test_mamba1_variant_builds_mamba1_blocks():
     """drama_mamba1's blocks hold the Mamba-1 mixer (its names and shapes are checked in test_mamba1.py)."""
-    if not MAMBA1:
-        pytest.skip("drama_mamba1.py is not in the repository yet")
-    mod = importlib.import_module(MAMBA1[0])
+    mod = importlib.import_module("drama_mamba1")
     mixer = mod.MambaBlock(tiny_args(mod, d_model=512, d_state=16, d_conv=4, expand=2)).mixer
     assert type(mixer).__name__ == "Mamba1"
     assert sum(p.numel() for p in mixer.parameters()) == 1_694_720
@@ -328,7 +285,7 @@ def test_dynamics_step_equals_forward(mod):
     assert h.shape == (2, 13, 32) and len(states) == 2
     state, hs = dynamics.allocate_state(2, dtype=F64), []
     for t in range(13):
-        h_t, state = dynamics.step(z[:, t], a[:, t], state)
+        h_t, state = dynamics.forward_token(z[:, t], a[:, t], state)
         hs.append(h_t)
     torch.testing.assert_close(torch.stack(hs, 1), h, **TOL)
     assert_states_close(state, states, **TOL)
@@ -343,7 +300,7 @@ def test_dynamics_step_equals_forward(mod):
 
 
 # ==========================================================================================================
-# 4. World-model parameter counts (DESIGN.md reference numbers)
+# 4. World-model parameter counts (the published code's, and the paper's "7M" XS model, section 3.1)
 # ==========================================================================================================
 PUBLISHED = {
     "encoder": 232_272,
@@ -392,7 +349,7 @@ def test_world_model_parameter_counts(mod):
         assert mod.Args().headdim == 128  # the paper's Table 3
         default_args = tiny_args(mod, **XS, headdim=mod.Args().headdim, chunk_size=64)
         default = mod.WorldModel(default_args, action_dim=6).parameter_counts()["total"]
-        # 7,147,219: the paper's "7M" XS model (DESIGN: "about 7.2M"); 2.1% above 7,000,000
+        # 7,147,219: the paper's "7M parameters" XS model (section 3.1); 2.1% above 7,000,000
         assert default == 7_147_219 and abs(default - 7e6) / 7e6 < 0.03
 
 
@@ -653,15 +610,15 @@ class StubDynamics:
     """h = [last action fed, time index, 1]: the reward read from h is a function of the last action."""
 
     def __init__(self):
-        self.step_inputs = []
+        self.token_inputs = []
 
     def __call__(self, z, actions):
         batch, length = actions.shape
         t = torch.arange(length, dtype=F64).expand(batch, length)
         return torch.stack([actions.double(), t, torch.ones_like(t)], -1), {"t": length - 1}
 
-    def step(self, z, action, state):
-        self.step_inputs.append((z.clone(), action.clone()))
+    def forward_token(self, z, action, state):
+        self.token_inputs.append((z.clone(), action.clone()))
         t = state["t"] + 1
         h = torch.stack(
             [action.double(), torch.full_like(action, t, dtype=F64), torch.ones(len(action), dtype=F64)], -1
@@ -708,7 +665,7 @@ def test_imagine_pairs_each_action_with_the_state_after_it(mod):
     latent = CATS * CLASSES
     assert features.shape == (batch, horizon + 1, latent + H_DIM)
     assert actions.shape == rewards.shape == continuations.shape == (batch, horizon)
-    assert len(actor_critic.inputs) == len(world_model.dynamics.step_inputs) == horizon
+    assert len(actor_critic.inputs) == len(world_model.dynamics.token_inputs) == horizon
     # s_0 = (z_0 ~ prior(h_ctx), h_ctx): h_ctx is the last context output
     torch.testing.assert_close(
         features[:, 0, latent:], torch.tensor([0.0, context - 1, 1.0], dtype=F64).expand(batch, 3)
@@ -716,7 +673,7 @@ def test_imagine_pairs_each_action_with_the_state_after_it(mod):
     for i in range(horizon):
         # a_i is chosen from s_i, and the dynamics step takes (z_i, a_i)
         torch.testing.assert_close(actor_critic.inputs[i], features[:, i])
-        z_in, a_in = world_model.dynamics.step_inputs[i]
+        z_in, a_in = world_model.dynamics.token_inputs[i]
         torch.testing.assert_close(z_in, features[:, i, :latent])
         assert torch.equal(a_in, actions[:, i])
         # z_i ~ prior(h_i)
@@ -794,7 +751,7 @@ NEEDS_COMPILER = pytest.mark.skipif(
 def test_compiled_imagination_step_matches_eager(mod):
     """--compile: imagine with compile_one_step() (reduce-overhead mode: CUDA graphs on a GPU, the default mode on a
     CPU) imagines what the eager step does, compiled once (step 0 gets the states of `forward`, later steps those
-    of `step`: same dtypes and layouts, no second compile), also over a second rollout."""
+    of `forward_token`: same dtypes and layouts, no second compile), also over a second rollout."""
     args = tiny_args(mod)
     torch.manual_seed(0)
     world_model = mod.WorldModel(args, 5).eval()
@@ -1388,7 +1345,7 @@ def replay_game(env_id: str, seed: int, actions: list[int]) -> dict[str, np.ndar
     return {key: np.array(value) for key, value in steps.items()}
 
 
-@pytest.mark.parametrize("variant", EXISTING)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_end_to_end_training_run(variant, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -1410,9 +1367,9 @@ def test_end_to_end_training_run(variant, tmp_path):
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith(f"Breakout-v5__{variant}__5__")
     run_dir = run_dirs[0]
     # the replay buffer holds what the game did: a lost life is a termination target, the game goes on
-    tensors, saved = read_training_state(str(run_dir), variant)
-    actions = tensors["action_history"].tolist()
-    assert len(actions) == 300 and saved["global_step"] == 300
+    saved = read_training_state(str(run_dir), variant)
+    tensors, actions = saved.tensors, saved.tensors["action_history"].tolist()
+    assert len(actions) == 300 and saved.global_step == 300
     game = replay_game("ALE/Breakout-v5", 5, actions)
     episode_ends = np.flatnonzero(game["terminated"])
     assert len(episode_ends) == 2 and (game["life_loss"] & ~game["terminated"]).sum() >= 3  # the run's premise
@@ -1465,7 +1422,7 @@ def test_end_to_end_training_run_compiled(tmp_path):
 BAD_FLAGS = [(["--batch-size", "-1"], "--batch-size"), (["--env-id", "ALE/Krul-v5"], "Krull")]
 
 
-@pytest.mark.parametrize("variant", EXISTING)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("flags, words", BAD_FLAGS, ids=["negative-batch", "typo-env"])
 def test_bad_flags_exit_with_one_line_error(variant, flags, words, tmp_path, monkeypatch, capsys):
     """The script's __main__ block, run in this process (a subprocess per case costs ~8 s of imports)."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_args
 
 import drama_xs
 from utils import dream as dr
@@ -20,28 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 PONG_MEANINGS = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
 
 
-def tiny_args(**overrides) -> drama_xs.Args:
-    sizes = dict(
-        env_id="ALE/Pong-v5",
-        encoder_filters=(4, 8, 8, 8, 8),
-        d_model=32,
-        headdim=16,
-        d_state=8,
-        stoch_categoricals=4,
-        stoch_classes=4,
-        n_layers=1,
-        head_hidden=16,
-        actor_hidden=16,
-        critic_hidden=16,
-        act_context_length=4,
-    )
-    return drama_xs.Args(**(sizes | overrides))
+def one_layer_args() -> drama_xs.Args:
+    return tiny_args(drama_xs, n_layers=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_agent():
     torch.manual_seed(0)
-    return drama_xs.Agent(tiny_args(), 6)
+    return drama_xs.Agent(one_layer_args(), 6)
 
 
 def trajectory(length: int, seed: int = 0):
@@ -79,7 +66,7 @@ class StubDynamics(nn.Module):
         count = torch.arange(1, z.shape[1] + 1, dtype=torch.float32).expand(z.shape[0], -1)  # (B, L)
         return count[..., None], count[:, -1]  # h (B, L, 1), state: inputs seen
 
-    def step(self, z, action, state):
+    def forward_token(self, z, action, state):
         return (state + 1)[:, None], state + 1
 
 
@@ -212,7 +199,7 @@ def run_cli(*argv, cwd):
 def test_cli_writes_video_and_curves(tiny_agent, tmp_path):
     import imageio.v2 as imageio
 
-    save_agent(tiny_agent, tiny_args(), str(tmp_path / "agent"), "drama_xs")
+    save_agent(tiny_agent, one_layer_args(), str(tmp_path / "agent"), "drama_xs")
     out = tmp_path / "out"
     flags = ["--max-steps", "40", "--context-length", "4", "--horizon", "6", "--windows", "2", "--max-starts", "8"]
     proc = run_cli(

@@ -348,6 +348,22 @@ def test_aggregate_cli_errors_are_one_line(tmp_path):
     assert error.startswith("error: none of the 1 results")
 
 
-def test_cli_help():
-    proc = _cli("aggregate", "--help")
-    assert proc.returncode == 0 and "IQM" in proc.stdout and "--out" in proc.stdout
+def test_aggregate_seed_and_reps_set_the_bootstrap_and_out_defaults_to_aggregate(tmp_path, monkeypatch, capsys):
+    """The same --seed gives the same intervals, another seed other ones; --reps 0 is refused; without --out the
+    files go to ./aggregate."""
+    for game, (score, spread) in {"Pong": (0.0, 9.0), "Krull": (2000.0, 500.0)}.items():
+        for seed in range(4):
+            results = _fake_results(f"ALE/{game}-v5", score + spread * seed)
+            ev.save_results(results, tmp_path / "runs" / f"{game}{seed}.json", exp_name="drama_xs", seed=seed)
+    monkeypatch.chdir(tmp_path)
+
+    def intervals(*flags) -> str:
+        assert ev.main(["aggregate", "runs", *flags]) == 0
+        return (tmp_path / "aggregate" / "aggregate.csv").read_text()
+
+    first = intervals("--seed", "1", "--reps", "200")
+    assert intervals("--seed", "1", "--reps", "200") == first
+    assert intervals("--seed", "2", "--reps", "200") != first
+    capsys.readouterr()
+    assert ev.main(["aggregate", "runs", "--reps", "0"]) == 2
+    assert capsys.readouterr().err == "error: --reps must be >= 1, got 0\n"

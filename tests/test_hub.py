@@ -475,10 +475,21 @@ def test_enjoy_video_and_defaults(saved, tmp_path, capsys):
     assert "has 4 actions but the agent was trained with 6" in capsys.readouterr().err
 
 
-def test_enjoy_help_lists_every_flag(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        enjoy.parse_args(["--help"])
-    assert exit_info.value.code == 0
+def test_enjoy_flags_change_what_it_plays(saved, tmp_path, monkeypatch, capsys):
+    """--episodes and --num-envs: how many episodes; --max-episode-frames: where they are cut (40 frames, 10 agent
+    steps); --seed: the default video folder; --torch-threads; --variant: which script the agent must come from."""
+    monkeypatch.chdir(tmp_path)
+    argv = [str(saved[0]), "--episodes", "3", "--num-envs", "2", "--max-episode-frames", "40", "--seed", "7",
+            "--capture-video", "--greedy", "--device", "cpu", "--torch-threads", "2",
+            "--variant", "drama_xs"]  # fmt: skip
+    try:
+        assert enjoy.main(argv) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     out = capsys.readouterr().out
-    for flag in ["--env-id", "--episodes", "--greedy", "--capture-video", "--video-dir", "--device", "--seed"]:
-        assert flag in out
+    assert re.findall(r"episode \d: return -?[\d.]+, length (\d+) steps", out) == ["10", "10", "10"]
+    assert "mean return over 3 episodes" in out and "videos saved to videos/Pong__enjoy__7" in out
+    assert list((tmp_path / "videos" / "Pong__enjoy__7").glob("*.mp4"))
+    assert enjoy.main([*argv[:1], "--variant", "drama_s"]) == 2
+    assert "is from drama_xs, not drama_s" in capsys.readouterr().err

@@ -5,40 +5,15 @@ DFS without replacement, the critic's raw input, the lambda-return bootstrap, ne
 epsilons, LaProp during the warm-up, when the running normaliser updates, and the initialisation of every layer.
 """
 
-import dataclasses
 import importlib
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_args
 
-ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = [v for v in ("drama_xs", "drama_s", "drama_mamba1", "drama_uniform_sampling") if (ROOT / f"{v}.py").exists()]
 F64 = torch.float64
-
-
-@pytest.fixture(params=VARIANTS, scope="module")
-def mod(request):
-    return importlib.import_module(request.param)
-
-
-@pytest.fixture(params=[v for v in VARIANTS if v != "drama_uniform_sampling"], scope="module")
-def dfs_mod(request):
-    return importlib.import_module(request.param)
-
-
-def tiny_args(mod, **overrides):
-    kwargs = dict(
-        env_id="ALE/Pong-v5", encoder_filters=(4, 8, 8, 8, 8), stoch_categoricals=4, stoch_classes=4, d_model=32,
-        d_state=8, headdim=16, chunk_size=8, head_hidden=16, actor_hidden=16, critic_hidden=16, batch_size=2,
-        sequence_length=16, random_steps=16, buffer_size=1000, imagine_batch_size=8, imagine_context_length=4,
-        imagine_horizon=4, act_context_length=4,
-    )  # fmt: skip
-    kwargs.update(overrides)
-    fields = {f.name for f in dataclasses.fields(mod.Args)}
-    return mod.Args(**{k: v for k, v in kwargs.items() if k in fields})
 
 
 def filled_buffer(mod, steps: int, capacity: int = 100):
@@ -101,8 +76,6 @@ def test_world_model_and_imagination_batches_have_distinct_starts(dfs_mod):
 
 
 def test_uniform_sampler_draws_distinct_uniform_starts():
-    if "drama_uniform_sampling" not in VARIANTS:
-        pytest.skip("drama_uniform_sampling.py is missing")
     mod = importlib.import_module("drama_uniform_sampling")
     buffer = filled_buffer(mod, 30)
     args = tiny_args(mod, batch_size=8, sequence_length=20, imagine_batch_size=20, imagine_context_length=4)

@@ -1,6 +1,5 @@
 """--precision: the auto rule, bf16 losses against fp32, a bf16 training run, fp32 checkpoints."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,25 +196,3 @@ def test_bf16_training_run_saves_fp32_weights(tmp_path):
     fresh = drama_xs.Agent(args, 6)
     fresh.load_state_dict(agent, strict=True)  # an agent trained in bf16 loads into a plain fp32 agent
     assert all(torch.isfinite(v).all() for v in agent.values())
-
-
-GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
-
-
-def test_gpu_check_script_parses_and_rejects_unknown_arguments():
-    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
-    result = subprocess.run(["bash", str(GPU_CHECK), "--fast"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and result.stderr.startswith("error:") and result.stderr.count("\n") == 1
-
-
-@pytest.mark.slow
-def test_gpu_check_dry_run_on_cpu():
-    """Every step of the GPU check at tiny sizes on the CPU: the tests, both update timings, training, the parse."""
-    result = subprocess.run(
-        ["bash", str(GPU_CHECK), "--device", "cpu"], capture_output=True, text=True, timeout=900,
-        env={**os.environ, "TRAIN_SECONDS": "90"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stdout.count("| = whole update") == 2  # eager and --compile
-    assert "precision chosen: " in result.stdout and "seconds per update" in result.stdout
-    assert "projected hours for 100,000 steps" in result.stdout

@@ -21,7 +21,7 @@ def test_eta_is_unknown_until_a_training_step_has_been_timed():
 
 
 def test_eta_of_a_run_at_3_s_per_update_after_its_random_steps(monkeypatch):
-    """The issue's case: 1,032 random steps at 2 ms, then 3 s per training step. At step 1,100 the run-average
+    """A paper-sized run on a CPU: 1,032 random steps at 2 ms, then 3 s per training step. At step 1,100 the run-average
     rate (the old ETA) promises about 0.15 h; the 2,900 training steps left at 3 s take 2.4 h."""
     now = itertools.accumulate([0.0] + [0.002] * 1032 + [3.0] * 68)
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(now))

@@ -1,4 +1,5 @@
-"""Issue 17, the scripts' part: nothing a run has done is lost or overwritten, and damage is caught.
+"""Nothing a run has done is lost or overwritten, and damage is caught (the scripts; test_reliability_utils.py: the
+utils).
 
 - SIGINT/SIGTERM stop a run at a step boundary, with its state and agent saved (also with --checkpoint-every 0),
   one line saying how to resume, exit code 130/143; the resumed run ends with the weights of an uninterrupted
@@ -6,7 +7,8 @@
 - a run folder is locked while a process trains in it (a second process fails naming the PID; the lock file of
   a dead process is taken over); new runs of the same name get distinct folders;
 - a full disk or another OSError while saving is one line naming the path and the space needed, the previous
-  file stays, no temporary file is left, and those a killed save left are removed at the next save;
+  file stays, no temporary file is left, and those a killed save left (safetensors' own included) are removed at
+  the next save or when a run takes the folder;
 - every safetensors file written carries a checksum verified on load; files from before load with one warning;
 - the flags and the saved settings are checked before anything runs.
 """
@@ -28,9 +30,10 @@ from safetensors.torch import load_file, save_file
 from test_resume import TINY, make_training
 
 import drama_xs
-from utils import Interrupted, UserError, checkpoint, run_cli
-from utils.checkpoint import CHECKPOINT, LOCK, lock_run_folder, read_training_state, save_agent, save_training_state
+from utils import Interrupted, UserError, files, run_cli, runs
+from utils.checkpoint import CHECKPOINT, read_training_state, save_agent, save_training_state
 from utils.hub import load_agent
+from utils.runs import LOCK, lock_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "drama_xs.py")
@@ -88,8 +91,7 @@ def test_sigint_saves_the_run_and_the_resumed_run_ends_as_an_uninterrupted_one(t
     assert (name, state, agent, folder) == ("SIGINT", f"a/{CHECKPOINT}", "a/agent.safetensors", "a")
     step = int(step)
     assert not (tmp_path / "a" / LOCK).exists()
-    _, progress = read_training_state(str(tmp_path / "a"), "drama_xs")  # the saved state loads
-    assert progress["global_step"] == step
+    assert read_training_state(str(tmp_path / "a"), "drama_xs").global_step == step  # the saved state loads
     total = str(step + 8)
     resumed = start(tmp_path, "--resume", "a", "--total-timesteps", total, "--torch-threads", "1")
     straight = start(tmp_path, *TINY, "--total-timesteps", total, "--run-dir", "b")
@@ -105,11 +107,11 @@ def test_sigterm_saves_and_exits_143(tmp_path):
     code, stderr = finish(terminated)
     name, step, *_ = STOPPED.match(last_line(stderr)).groups()
     assert code == 143 and name == "SIGTERM"
-    assert read_training_state(str(tmp_path / "t"), "drama_xs")[1]["global_step"] == int(step)
+    assert read_training_state(str(tmp_path / "t"), "drama_xs").global_step == int(step)
 
 
 def test_a_second_signal_aborts_at_once():
-    stop = checkpoint.StopOnSignal()
+    stop = runs.StopOnSignal()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signal == signal.SIGINT  # the first only asks the loop to stop
@@ -127,7 +129,7 @@ def test_a_stale_lock_is_taken_over_and_a_held_one_is_refused(tmp_path):
     dead.wait()
     (tmp_path / LOCK).write_text(f"{dead.pid} somehost\n")
     (tmp_path / f"{CHECKPOINT}.tmp").write_bytes(b"left by a killed save")
-    hold = "import sys, time; from utils.checkpoint import lock_run_folder; lock_run_folder(sys.argv[1]); " \
+    hold = "import sys, time; from utils.runs import lock_run_folder; lock_run_folder(sys.argv[1]); " \
            "print('locked', flush=True); time.sleep(60)"  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -148,8 +150,8 @@ def test_a_stale_lock_is_taken_over_and_a_held_one_is_refused(tmp_path):
 def test_new_runs_of_one_name_get_distinct_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = drama_xs.Args()
-    first = checkpoint.run_folder(args, "ALE/Pong-v5__drama_xs__1__1700000000")
-    second = checkpoint.run_folder(args, "ALE/Pong-v5__drama_xs__1__1700000000")
+    first = runs.run_folder(args, "ALE/Pong-v5__drama_xs__1__1700000000")
+    second = runs.run_folder(args, "ALE/Pong-v5__drama_xs__1__1700000000")
     assert first == ("runs/ALE/Pong-v5__drama_xs__1__1700000000", "ALE/Pong-v5__drama_xs__1__1700000000")
     assert second == ("runs/ALE/Pong-v5__drama_xs__1__1700000000__2", "ALE/Pong-v5__drama_xs__1__1700000000__2")
     assert (tmp_path / second[0] / LOCK).read_text().split()[0] == str(os.getpid())
@@ -163,10 +165,10 @@ def full_disk(tensors, filename, metadata):
 def test_a_full_disk_is_one_line_and_keeps_the_previous_files(tmp_path, monkeypatch):
     training = make_training()
     save_training_state(str(tmp_path), training, "drama_xs")
-    save_agent(training["agent"], training["args"], str(tmp_path), "drama_xs")
+    save_agent(training.agent, training.args, str(tmp_path), "drama_xs")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     monkeypatch.setattr("safetensors.torch.save_file", full_disk)
-    training["global_step"] = 20
+    training.global_step = 20
     with pytest.raises(UserError) as error:
         save_training_state(str(tmp_path), training, "drama_xs")
     message = str(error.value)
@@ -182,9 +184,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_files(tmp_path, monkeypa
 
     monkeypatch.setattr("safetensors.torch.save_file", no_space)
     with pytest.raises(UserError, match="agent.safetensors .*No space left on device.*untouched"):
-        save_agent(training["agent"], training["args"], str(tmp_path), "drama_xs")
+        save_agent(training.agent, training.args, str(tmp_path), "drama_xs")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file, nothing changed
-    assert read_training_state(str(tmp_path), "drama_xs")[1]["global_step"] == 10
+    assert read_training_state(str(tmp_path), "drama_xs").global_step == 10
 
 
 def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path):
@@ -201,7 +203,7 @@ def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path):
     try:
         save_training_state(str(disk), training, "drama_xs")
         before = (disk / CHECKPOINT).read_bytes()
-        training["global_step"] = 20
+        training.global_step = 20
         with pytest.raises(UserError, match=r"could not write .*No space left on device.*untouched"):
             save_training_state(str(disk), training, "drama_xs")
         assert [p.name for p in disk.iterdir()] == [CHECKPOINT] and (disk / CHECKPOINT).read_bytes() == before
@@ -216,6 +218,49 @@ def test_stale_temporary_files_are_removed_at_the_next_save(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
 
 
+def safetensors_temporaries(folder: Path) -> list[Path]:
+    return [path for path in folder.iterdir() if files.SAFETENSORS_TEMPORARY.fullmatch(path.name)]
+
+
+def kill_mid_save(folder: Path) -> None:
+    """SIGKILL a process that holds `folder`'s lock and saves 128 MB there again and again, while safetensors writes
+    its own hidden temporary file (tried again where the kill came after the rename)."""
+    saving = ("import sys, torch; from utils.runs import lock_run_folder; from utils.files import atomic_save\n"
+              "lock_run_folder(sys.argv[1]); print('locked', flush=True)\n"
+              "big = {'x': torch.ones(2**27, dtype=torch.uint8)}\n"
+              "while True: atomic_save(big, sys.argv[1] + '/agent.safetensors', {})")  # fmt: skip
+    for _ in range(5):
+        saver = subprocess.Popen([sys.executable, "-c", saving, str(folder)], env=ENV, stdout=subprocess.PIPE,
+                                 text=True)  # fmt: skip
+        assert saver.stdout.readline() == "locked\n"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not safetensors_temporaries(folder):
+            time.sleep(0.001)
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+        if safetensors_temporaries(folder):
+            return
+    raise AssertionError("no save was caught mid-write")
+
+
+def test_what_a_killed_save_leaves_is_removed_by_the_next_process_that_takes_the_folder(tmp_path):
+    """safetensors writes each file to a hidden `.tmp` + 6 random characters first: a SIGKILL mid-save leaves it.
+    A save by a process that does not hold the folder's lock leaves it (it could be a live writer's); `--resume`,
+    which takes the lock first, removes it, and the checkpoint saved before the kill resumes."""
+    training = make_training(6, env_id="ALE/Pong-v5", eval_episodes=0, checkpoint_every=0, save_model=False,
+                             sequence_length=8, random_steps=12)  # fmt: skip
+    save_training_state(str(tmp_path), training, "drama_xs")
+    kill_mid_save(tmp_path)
+    (left,) = safetensors_temporaries(tmp_path)
+    assert left.stat().st_size > 0
+    save_training_state(str(tmp_path), training, "drama_xs")  # this process holds no lock there
+    assert left.exists() and not (tmp_path / "agent.safetensors.tmp").exists()
+    resumed = run(tmp_path, "--resume", str(tmp_path), "--total-timesteps", "12")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming test at step 10" in resumed.stdout and not left.exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 def corrupt(path: Path) -> None:
     """XOR 64 bytes in the middle of the tensor data (past the JSON header), as a bad disk sector would."""
     data = bytearray(path.read_bytes())
@@ -228,7 +273,7 @@ def corrupt(path: Path) -> None:
 def test_corrupted_weights_are_detected_in_the_agent_and_the_checkpoint(tmp_path):
     training = make_training(sequence_length=8, random_steps=12)  # Args that load_agent accepts
     save_training_state(str(tmp_path), training, "drama_xs")
-    save_agent(training["agent"], training["args"], str(tmp_path), "drama_xs")
+    save_agent(training.agent, training.args, str(tmp_path), "drama_xs")
     load_agent(str(tmp_path))
     corrupt(tmp_path / "agent.safetensors")
     with pytest.raises(UserError) as error:
@@ -244,13 +289,13 @@ def test_corrupted_weights_are_detected_in_the_agent_and_the_checkpoint(tmp_path
 
 def test_files_without_a_checksum_still_load_with_one_warning(tmp_path, capsys):
     training = make_training(sequence_length=8, random_steps=12)
-    save_agent(training["agent"], training["args"], str(tmp_path), "drama_xs")
+    save_agent(training.agent, training.args, str(tmp_path), "drama_xs")
     path = tmp_path / "agent.safetensors"
-    metadata = {k: v for k, v in load_metadata(path).items() if k != checkpoint.CHECKSUM}
+    metadata = {k: v for k, v in load_metadata(path).items() if k != files.CHECKSUM}
     save_file(load_file(path), path, metadata=metadata)  # as written before checksums
     capsys.readouterr()
     first, second = load_agent(str(tmp_path)).state_dict(), load_agent(str(tmp_path)).state_dict()
-    saved = training["agent"].state_dict()
+    saved = training.agent.state_dict()
     assert all(torch.equal(first[k], saved[k].cpu()) and torch.equal(second[k], saved[k].cpu()) for k in saved)
     warnings = capsys.readouterr().err.strip().splitlines()
     assert warnings == [f"warning: {path} has no checksum (written before checksums were added): its tensors are "
@@ -293,22 +338,22 @@ def test_a_bad_flag_is_one_line_from_the_command_line(tmp_path):
 def test_saved_settings_of_the_wrong_type_are_refused_on_resume(tmp_path):
     training = make_training()
     save_training_state(str(tmp_path), training, "drama_xs")
-    _, progress = read_training_state(str(tmp_path), "drama_xs")
-    progress["args"]["d_model"] = "big"
+    saved = read_training_state(str(tmp_path), "drama_xs")
+    saved.args["d_model"] = "big"
     with pytest.raises(UserError, match=r"checkpoint.safetensors: 'd_model' is \"big\", but Args.d_model needs an "):
-        checkpoint.resume_args(drama_xs.Args(resume=str(tmp_path)), progress)
+        runs.resume_args(drama_xs.Args(resume=str(tmp_path)), saved)
 
 
 def test_checksum_is_over_names_dtypes_shapes_and_bytes():
     tensors = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(2, 3, dtype=torch.bfloat16)}
-    digest = checkpoint.tensor_checksum(tensors)
-    assert checkpoint.tensor_checksum(dict(reversed(tensors.items()))) == digest  # in name order
-    assert checkpoint.tensor_checksum({**tensors, "a": tensors["a"].reshape(2, 3)}) != digest
-    assert checkpoint.tensor_checksum({**tensors, "a": tensors["a"].view(torch.int32)}) != digest
-    assert checkpoint.tensor_checksum({"c": tensors["a"], "b": tensors["b"]}) != digest
+    digest = files.tensor_checksum(tensors)
+    assert files.tensor_checksum(dict(reversed(tensors.items()))) == digest  # in name order
+    assert files.tensor_checksum({**tensors, "a": tensors["a"].reshape(2, 3)}) != digest
+    assert files.tensor_checksum({**tensors, "a": tensors["a"].view(torch.int32)}) != digest
+    assert files.tensor_checksum({"c": tensors["a"], "b": tensors["b"]}) != digest
     changed = tensors["a"].clone()
     changed[3] = 3.0000002
-    assert checkpoint.tensor_checksum({**tensors, "a": changed}) != digest
+    assert files.tensor_checksum({**tensors, "a": changed}) != digest
 
 
 def test_a_save_interrupted_by_ctrl_c_removes_its_temporary_file(tmp_path):
@@ -317,5 +362,5 @@ def test_a_save_interrupted_by_ctrl_c_removes_its_temporary_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_write(str(tmp_path / CHECKPOINT), interrupted, 10)
+        files.atomic_write(str(tmp_path / CHECKPOINT), interrupted, 10)
     assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,5 @@
-"""Issue 17, the utils part: nothing a user feeds the utils (results, agents, pipes) ends in a traceback or in
-silently wrong numbers.
+"""Nothing a user feeds the utils (results, agents, pipes) ends in a traceback or in silently wrong numbers
+(test_reliability.py: the scripts).
 
 - `python -m utils.evaluate aggregate` leaves results it cannot human-normalise (drama/Catch-v0, MiniGrid, an
   ALE game outside Atari100k) out of the aggregate with one warning line each, and draws a readable plot;
@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 import drama_xs
 from utils import SIGPIPE_EXIT_CODE, UserError, quiet_broken_pipe
 from utils import evaluate as ev
-from utils.checkpoint import CHECKSUM, save_agent, tensor_checksum
+from utils.checkpoint import save_agent
+from utils.files import CHECKSUM, tensor_checksum
 from utils.hub import load_agent
 
 ROOT = Path(__file__).resolve().parent.parent

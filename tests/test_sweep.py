@@ -163,8 +163,8 @@ def test_status_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):
 
 
 def test_a_resumed_job_keeps_the_flags_a_resume_takes_from_its_command_line(tmp_path):
-    """--resume takes --device, --compile and --torch-threads from the command line, so the sweep passes them again:
-    a run started with --torch-threads 1 and resumed on every core would not be bit for bit the same."""
+    """--resume takes --device and --compile from the command line, so the sweep passes them again (and the run's
+    own --torch-threads, which a resumed run would keep anyway)."""
     job = sweep.TrainingJob("drama_xs.py", "ALE/Pong-v5", 1, [*TINY, "--device=cpu", "--compile"], str(tmp_path))
     (tmp_path / "checkpoint.safetensors").write_bytes(b"")
     assert job.command()[2:] == ["--resume", str(tmp_path), "--torch-threads", "1", "--device=cpu", "--compile"]

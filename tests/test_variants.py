@@ -1,4 +1,5 @@
-"""Each variant script is drama_xs.py plus its ablation and nothing else (DESIGN.md, "Files").
+"""Each variant script is drama_xs.py plus its ablation (the paper's 3.2 and 3.3: uniform sampling instead of DFS,
+Mamba-1 instead of Mamba-2, the S model) and nothing else.
 
 A fix that lands in drama_xs.py but not in a variant (or the reverse) shows up here as a changed line
 outside the variant's ablation region.
@@ -17,17 +18,20 @@ ABLATIONS = {
     "drama_s": ({"Args"}, 6),
     "drama_uniform_sampling": ({"Args", "check_args", "ReplayBuffer", "softmax"}, 60),
     "drama_mamba1": (
-        {"imports", "Args", "check_args", "segment_sum", "ssd_scan", "GatedRMSNorm", "Mamba2", "MambaBlock"},
-        279,
+        {"imports", "mamba_chunk_scan_combined, MAMBA_SSM_ERROR", "TRITON_SCAN", "Args", "check_args", "segment_sum",
+         "ssd_scan", "GatedRMSNorm", "Mamba2", "MambaBlock"},
+        282,
     ),
 }
 
 
 def top_level_blocks(source: str) -> list[tuple[int, int, str]]:
-    """(first line, last line, name) of every top-level statement, 1-based; imports are named 'imports'."""
+    """(first line, last line, name) of every top-level statement, 1-based; imports are named 'imports', an
+    assignment by the names it assigns ('a, b')."""
     blocks = []
     for node in ast.parse(source).body:
-        name = getattr(node, "name", "imports" if isinstance(node, ast.Import | ast.ImportFrom | ast.Try) else "")
+        assigned = ", ".join(n.id for t in getattr(node, "targets", []) for n in ast.walk(t) if isinstance(n, ast.Name))
+        name = getattr(node, "name", "imports" if isinstance(node, ast.Import | ast.ImportFrom | ast.Try) else assigned)
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         blocks.append((first, node.end_lineno, name))
     return blocks

@@ -53,6 +53,14 @@ def resolve_device(name: str):
     return device
 
 
+def device_of(module):
+    """The device of a module's parameters (the CPU for a module without any)."""
+    import torch
+
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR on such a write end)."""
     try:

@@ -1,166 +1,187 @@
-"""Saving a run: the agent (`agent.safetensors` + `args.json`, read back by `utils.hub.load_agent`) and the full
-training state (`checkpoint.safetensors`, read back by `--resume`), each written atomically with the sha256 of
-its tensors (`atomic_save`, `verify_checksum`); the run folder, unique and locked while a process trains in it
-(`run_folder`, `lock_run_folder`); the stop on Ctrl-C or SIGTERM at a step boundary (`StopOnSignal`).
+"""What a run saves in its folder: the agent (`agent.safetensors` + `args.json`, read back by
+`utils.hub.load_agent`) and the full training state (`checkpoint.safetensors`, read back by `--resume`), each
+written atomically with the sha256 of its tensors (utils/files.py).
 
-The training state is handed over as a dict name -> value and saved by the value's kind, so that every drama_*.py
-script shares this code and none changes when it does:
+A checkpoint holds a `TrainingState`: the objects of the training loop, whose states are saved and put back in
+place, and the loop's own values. Each object is saved by its state dict: its tensors as "{name}.{key}", its other
+values as progress[name]:
 
-    nn.Module             tensors  "{name}.{key}" (its state dict)
-    torch Optimizer       tensors  "{name}.{i}.{key}" (the i-th parameter's state; `step` is kept on the CPU)
-    LR scheduler          progress[name] (its state dict)
-    np.random.Generator   progress[name] (its bit generator's state)
-    "window" (the agent)  tensors  "window.{i}.z", "window.{i}.actions" (its acting windows: Agent.window_state)
-    replay buffer         tensors  "{name}.{array}" (its arrays up to `size`), progress[name] {next, size}
-                                   (ReplayBuffer.state_dict)
-    list of ints          tensor   name (int64; the actions taken so far, to replay the env)
-    deque                 progress[name] (floats, e.g. the recent returns)
-    dataclass             progress[name] (its fields; the run's Args)
-    int, float, bool, str progress[name] (the loop's counters)
+    agent          tensors "agent.{key}" (weights and normaliser statistics)
+    window         tensors "window.{i}.z", "window.{i}.actions" (`agent.window_state()`: the acting windows)
+    wm_optimizer   tensors "wm_optimizer.{i}.{key}" (the i-th parameter's state; `step` is kept on the CPU)
+    wm_scheduler   progress["wm_scheduler"]
+    ac_optimizer, ac_scheduler   as the world model's
+    buffer         tensors "buffer.{array}" (the stored rows), progress["buffer"] {next, size}
+    rng            progress["rng"] (the numpy generator's state)
 
-with the metadata {"variant", "action_dim", "progress": JSON, "sha256"}, and torch's CPU generator ("torch_rng")
-and, on a GPU, the CUDA one ("cuda_rng"). `restore_training_state` puts the saved values back into the objects of
-the same dict and returns the plain values.
+then the tensor "action_history" (int64: the actions taken, to replay the env), torch's CPU generator "torch_rng"
+and, on a GPU, the CUDA one "cuda_rng"; progress["recent_returns"], the counters ("global_step", "updates",
+"update_budget", "episode_start"), "run_name" and "args" (the run's Args). The file's metadata is {"variant",
+"action_dim", "progress": JSON, "sha256"}.
 """
 
-import atexit
-import contextlib
 import dataclasses
-import hashlib
-import itertools
 import json
 import os
-import shlex
-import shutil
-import signal
-import socket
-import sys
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
 
-from utils import Interrupted, UserError
-from utils.checks import check_config
+from utils import UserError, device_of
+from utils.files import atomic_save, remove_stale_temporaries, verify_checksum, write_text
 
-AGENT, CHECKPOINT = "agent.safetensors", "checkpoint.safetensors"
-CHECKSUM = "sha256"  # the metadata key of the tensors' checksum, in every safetensors file written here
-TEMPORARY = ".tmp"  # a file is written to path + TEMPORARY, then renamed
-LOCK = "run.lock"  # in a run folder while a process trains in it: "PID HOST"
-
-
-def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (about 1 s per GB on one core)."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-_unverified: set[str] = set()  # files without a checksum this process already warned about
-
-
-def verify_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> None:
-    """Check the tensors read from the safetensors file `path` against the checksum saved in its metadata: a
-    mismatch is a one-line UserError naming the file; a file written before checksums existed gets one warning."""
-    if CHECKSUM not in metadata:
-        if str(path) not in _unverified:
-            _unverified.add(str(path))
-            print(f"warning: {path} has no checksum (written before checksums were added): its tensors are not "
-                  "verified; saving it again adds one", file=sys.stderr)  # fmt: skip
-        return
-    if tensor_checksum(tensors) != metadata[CHECKSUM]:
-        raise UserError(
-            f"{path} is corrupted: its tensors do not match the sha256 saved with them; restore it from a copy, "
-            "download it again or train anew"
-        )
-
-
-def remove_stale_temporaries(folder: str) -> None:
-    """Remove the temporary files a killed save left in `folder` (a save of the full state leaves up to 1.3 GB)."""
-    for name in (AGENT, "args.json", CHECKPOINT):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name + TEMPORARY))
-
-
-def atomic_write(path: str, write: Callable[[str], None], size: int) -> None:
-    """`write(temporary)`, flush it to disk, then rename it to `path`: a crash mid-write leaves the old file intact.
-
-    The folder's stale temporary files go first (their space may be needed); the temporary file is removed on
-    every failure; a full disk or another OSError is a one-line UserError naming the path and the space needed
-    (`size`, the bytes to write)."""
-    from safetensors import SafetensorError
-
-    folder, temporary = os.path.dirname(path) or ".", path + TEMPORARY
-    try:
-        remove_stale_temporaries(folder)
-        write(temporary)
-        fd = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        if not isinstance(error, (OSError, SafetensorError)):
-            raise
-        reason = " ".join(str(error).split())  # one line
-        try:
-            free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB are free there"
-        except OSError:
-            free = "the free space there is unknown"
-        kept = f"the previous {os.path.basename(path)} is untouched" if os.path.exists(path) else "nothing was written"
-        raise UserError(
-            f"could not write {path} ({reason}): it needs about {size / 1e6:,.1f} MB and {free}; {kept}; free some "
-            "space, then --resume from the last checkpoint written, if any"
-        ) from None
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (`atomic_write`), with the checksum of its tensors in its metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {**metadata, CHECKSUM: tensor_checksum(tensors)}
-    size = sum(v.numel() * v.element_size() for v in tensors.values()) + len(json.dumps(metadata)) + 100 * len(tensors)
-    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata), size)
+AGENT, ARGS, CHECKPOINT = "agent.safetensors", "args.json", "checkpoint.safetensors"
+RUN_FILES = (AGENT, ARGS, CHECKPOINT)  # the files of a run folder written atomically
 
 
 def save_agent(agent: torch.nn.Module, args, run_dir: str, variant: str) -> str:
-    """Write `agent.safetensors` (weights and normaliser statistics) and `args.json`, each atomically."""
+    """Write `agent.safetensors` (weights and normaliser statistics) and `args.json`, each atomically (the folder's
+    stale temporary files go first: their space may be needed)."""
     os.makedirs(run_dir, exist_ok=True)
+    remove_stale_temporaries(run_dir, RUN_FILES)
     path = os.path.join(run_dir, AGENT)
     metadata = {"variant": variant, "action_dim": str(agent.action_dim), "env_id": args.env_id}
     atomic_save(agent.state_dict(), path, metadata)
-    config = json.dumps({**dataclasses.asdict(args), "variant": variant, "action_dim": agent.action_dim}, indent=2)
-
-    def write(temporary: str) -> None:
-        with open(temporary, "w") as f:
-            f.write(config)
-
-    atomic_write(os.path.join(run_dir, "args.json"), write, len(config))
+    config = {**dataclasses.asdict(args), "variant": variant, "action_dim": agent.action_dim}
+    write_text(os.path.join(run_dir, ARGS), json.dumps(config, indent=2))
     print(f"agent saved to {path}")
     return path
 
 
-def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+@dataclasses.dataclass
+class TrainingState:
+    """What a checkpoint holds: everything a training loop needs to continue exactly where it stopped (the
+    module's docstring gives the layout in the file). `save_training_state` writes it; `restore_training_state`
+    puts a saved one back into the objects, the action history and the returns of this one, and sets its values."""
+
+    args: object  # the run's Args
+    run_name: str
+    agent: torch.nn.Module  # with `window_state()` and `load_window_state(tensors)`
+    wm_optimizer: torch.optim.Optimizer
+    wm_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ac_optimizer: torch.optim.Optimizer
+    ac_scheduler: torch.optim.lr_scheduler.LRScheduler
+    buffer: object  # the replay buffer, with `state_dict()` and `load_state_dict(state)`
+    rng: np.random.Generator  # the loop's numpy generator (random actions, DFS)
+    action_history: list[int]  # every action taken, to replay the env
+    recent_returns: deque  # the returns of the last episodes (the progress line)
+    global_step: int  # env steps taken
+    updates: int
+    update_budget: float
+    episode_start: bool  # the env's next frame starts an episode
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A `checkpoint.safetensors` read back and checked: its tensors and its progress (module docstring)."""
+
+    tensors: dict[str, torch.Tensor]
+    progress: dict
+    action_dim: int
+
+    @property
+    def global_step(self) -> int:
+        return self.progress["global_step"]
+
+    @property
+    def run_name(self) -> str:
+        return self.progress["run_name"]
+
+    @property
+    def args(self) -> dict:
+        return self.progress["args"]
+
+
+def _saved_objects(state: TrainingState) -> dict[str, tuple[Callable[[], dict], Callable[[dict], None]]]:
+    """The loop's objects by their name in the file: (their state dict, put one back)."""
+    wm_optimizer, ac_optimizer = state.wm_optimizer, state.ac_optimizer
+    return {
+        "agent": (state.agent.state_dict, state.agent.load_state_dict),
+        "wm_optimizer": (partial(optimizer_state, wm_optimizer), partial(load_optimizer_state, wm_optimizer)),
+        "wm_scheduler": (state.wm_scheduler.state_dict, partial(load_scheduler_state, state.wm_scheduler)),
+        "ac_optimizer": (partial(optimizer_state, ac_optimizer), partial(load_optimizer_state, ac_optimizer)),
+        "ac_scheduler": (state.ac_scheduler.state_dict, partial(load_scheduler_state, state.ac_scheduler)),
+        "buffer": (state.buffer.state_dict, state.buffer.load_state_dict),
+        "rng": (lambda: state.rng.bit_generator.state, partial(setattr, state.rng.bit_generator, "state")),
+        "window": (state.agent.window_state, state.agent.load_window_state),
+    }  # fmt: skip
+
+
+def save_training_state(run_dir: str, state: TrainingState, variant: str) -> None:
+    """Everything a run needs to continue exactly (`TrainingState`), to `run_dir/checkpoint.safetensors` (the
+    folder's stale temporary files go first: their space may be needed)."""
+    tensors, progress = rng_tensors(device_of(state.agent)), {}
+    for name, (get, _) in _saved_objects(state).items():
+        for key, value in get().items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value
+            else:
+                progress.setdefault(name, {})[key] = value
+    tensors["action_history"] = torch.tensor(state.action_history, dtype=torch.int64)
+    progress |= {"recent_returns": [float(x) for x in state.recent_returns], "global_step": state.global_step,
+                 "updates": state.updates, "update_budget": state.update_budget, "episode_start": state.episode_start,
+                 "run_name": state.run_name, "args": dataclasses.asdict(state.args)}  # fmt: skip
+    metadata = {"variant": variant, "action_dim": str(state.agent.action_dim), "progress": json.dumps(progress)}
+    remove_stale_temporaries(run_dir, RUN_FILES)
+    atomic_save(tensors, os.path.join(run_dir, CHECKPOINT), metadata)
+
+
+def read_training_state(run_dir: str, variant: str) -> Checkpoint:
+    """Read and check `run_dir/checkpoint.safetensors`. One-line errors name the fix."""
+    from safetensors import safe_open
+
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"no checkpoint at {path}: pass --resume runs/<run_name> of a run saved with --checkpoint-every"
+        )
+    try:
+        with safe_open(path, "pt") as f:
+            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:
+        raise UserError(f"{path} is corrupted or truncated ({error}): resume from another run or start anew") from None
+    verify_checksum(tensors, metadata, path)
+    if metadata.get("variant") != variant:
+        raise UserError(f"{path} was written by {metadata.get('variant')}.py, not {variant}.py: resume it with that")
+    return Checkpoint(tensors, json.loads(metadata["progress"]), int(metadata["action_dim"]))
+
+
+def restore_training_state(state: TrainingState, saved: Checkpoint) -> None:
+    """Put what `save_training_state` saved back into `state`: its objects, action history and recent returns in
+    place, its values set."""
+    restore_rng(saved.tensors, device_of(state.agent))
+    for name, (_, put) in _saved_objects(state).items():
+        prefix = name + "."
+        tensors = {k[len(prefix) :]: v for k, v in saved.tensors.items() if k.startswith(prefix)}
+        put({**tensors, **saved.progress.get(name, {})})
+    state.action_history[:] = saved.tensors["action_history"].tolist()
+    state.recent_returns.extend(saved.progress["recent_returns"])
+    for name in ("global_step", "updates", "update_budget", "episode_start"):
+        setattr(state, name, saved.progress[name])
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as "{i}.{key}" (the i-th parameter of its groups)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {f"{prefix}.{i}.{k}": v for i, p in enumerate(params) for k, v in optimizer.state.get(p, {}).items()}
+    return {f"{i}.{k}": v for i, p in enumerate(params) for k, v in optimizer.state.get(p, {}).items()}
 
 
-def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            _, index, name = key.rsplit(".", 2)
-            param = params[int(index)]
-            on_cpu = value.dim() == 0  # LaProp's scalars (step, lr_avg) stay CPU tensors: no sync per parameter
-            optimizer.state[param][name] = value if on_cpu else value.to(param.device)
+        index, name = key.split(".", 1)
+        param = params[int(index)]
+        on_cpu = value.dim() == 0  # LaProp's scalars (step, lr_avg) stay CPU tensors: no sync per parameter
+        optimizer.state[param][name] = value if on_cpu else value.to(param.device)
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # the learning rate the saved run's next update would have used
 
 
 def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
@@ -178,247 +199,17 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(tensors["cuda_rng"], device)
 
 
-def _device(state: dict) -> torch.device:
-    module = next(v for v in state.values() if isinstance(v, torch.nn.Module))
-    return next(module.parameters()).device
-
-
-def save_training_state(run_dir: str, state: dict, variant: str) -> None:
-    """Everything a run needs to continue exactly (see the module's docstring), to `run_dir/checkpoint.safetensors`."""
-    tensors, progress = rng_tensors(_device(state)), {}
-    for name, value in state.items():
-        if name == "window":
-            tensors |= {f"window.{k}": v for k, v in value.window_state().items()}
-        elif isinstance(value, torch.nn.Module):
-            tensors |= {f"{name}.{k}": v for k, v in value.state_dict().items()}
-        elif isinstance(value, torch.optim.Optimizer):
-            tensors |= optimizer_tensors(name, value)
-        elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
-            progress[name] = value.state_dict()
-        elif isinstance(value, np.random.Generator):
-            progress[name] = value.bit_generator.state
-        elif hasattr(value, "load_state_dict"):  # the replay buffer
-            buffer_state = value.state_dict()
-            tensors |= {f"{name}.{k}": v for k, v in buffer_state.items() if isinstance(v, torch.Tensor)}
-            progress[name] = {"next": buffer_state["next"], "size": buffer_state["size"]}
-        elif isinstance(value, list):
-            tensors[name] = torch.tensor(value, dtype=torch.int64)
-        elif isinstance(value, deque):
-            progress[name] = [float(x) for x in value]
-        elif dataclasses.is_dataclass(value):
-            progress[name] = dataclasses.asdict(value)
-        else:
-            progress[name] = value
-    action_dim = next(v.action_dim for v in state.values() if hasattr(v, "action_dim"))
-    metadata = {"variant": variant, "action_dim": str(action_dim), "progress": json.dumps(progress)}
-    atomic_save(tensors, os.path.join(run_dir, CHECKPOINT), metadata)
-
-
-def read_training_state(run_dir: str, variant: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read and check `run_dir/checkpoint.safetensors`: (tensors, progress). One-line errors name the fix."""
-    from safetensors import safe_open
-
-    path = os.path.join(run_dir, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no checkpoint at {path}: pass --resume runs/<run_name> of a run saved with --checkpoint-every"
-        )
-    try:
-        with safe_open(path, "pt") as f:
-            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:
-        raise UserError(f"{path} is corrupted or truncated ({error}): resume from another run or start anew") from None
-    verify_checksum(tensors, metadata, path)
-    if metadata.get("variant") != variant:
-        raise UserError(f"{path} was written by {metadata.get('variant')}.py, not {variant}.py: resume it with that")
-    progress = json.loads(metadata["progress"])
-    progress["action_dim"] = int(metadata["action_dim"])
-    return tensors, progress
-
-
-def restore_training_state(state: dict, tensors: dict[str, torch.Tensor], progress: dict) -> dict:
-    """Put what `save_training_state` saved back into the objects of `state`; returns the saved plain values."""
-    device, plain = _device(state), {}
-    restore_rng(tensors, device)
-    for name, value in state.items():
-        if name == "window":
-            value.load_window_state({k[len("window.") :]: v for k, v in tensors.items() if k.startswith("window.")})
-        elif isinstance(value, torch.nn.Module):
-            value.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        elif isinstance(value, torch.optim.Optimizer):
-            load_optimizer_tensors(name, value, tensors)
-        elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
-            value.load_state_dict(progress[name])
-            for group, lr in zip(value.optimizer.param_groups, value.get_last_lr(), strict=True):
-                group["lr"] = lr  # the learning rate the saved run's next update would have used
-        elif isinstance(value, np.random.Generator):
-            value.bit_generator.state = progress[name]
-        elif hasattr(value, "load_state_dict"):  # the replay buffer
-            value.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-                                  | progress[name])  # fmt: skip
-        elif isinstance(value, list):
-            value[:] = tensors[name].tolist()
-        elif isinstance(value, deque):
-            value.extend(progress[name])
-        elif not dataclasses.is_dataclass(value):
-            plain[name] = progress[name]
-    return plain
-
-
-def resume_args(args, progress: dict):
-    """The saved run's Args (each field's type checked), with what this command line decides: `--resume`,
-    `--device`, `--compile`, `--torch-threads`, and `--total-timesteps` when it is given (else the saved total)."""
-    check_config(type(args), progress["args"], os.path.join(args.resume, CHECKPOINT))
-    step, total = progress["global_step"], progress["args"]["total_timesteps"]
-    total = args.total_timesteps if given_on_command_line("total_timesteps") else total
-    if total < step:
-        raise UserError(f"--total-timesteps {total} < step {step}, where {args.resume} stopped: give >= {step}")
-    given = {k: getattr(args, k) for k in ("resume", "device", "compile", "torch_threads")}
-    fields = {f.name for f in dataclasses.fields(args)}  # a field this script no longer has is left out
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in progress["args"].items() if k in fields}
-    return type(args)(**{**saved, **given, "total_timesteps": total, "run_dir": args.resume})
-
-
-def resume(args, variant: str):
-    """`--resume FOLDER`: lock the folder (first: a second process on it stops here, naming the one that trains in
-    it), read its training state and take the saved run's settings (`resume_args`). Returns (args, saved), where
-    saved is (tensors, progress) for `restore_training_state`, or None for a new run."""
-    if not args.resume:
-        return args, None
-    lock_run_folder(args.resume)
-    saved = read_training_state(args.resume, variant)
-    return resume_args(args, saved[1]), saved
-
-
-def given_on_command_line(field: str) -> bool:
-    """Whether the flag of this Args field is on the command line (tyro takes `--a-b`, `--a_b` and `--a-b=1`)."""
-    flags = {"--" + field, "--" + field.replace("_", "-")}
-    return any(arg.split("=")[0] in flags for arg in sys.argv[1:])
-
-
-def run_folder(args, run_name: str) -> tuple[str, str]:
-    """Claim and lock the folder of the run's logs, checkpoints and agent; returns (folder, run name).
-
-    `--resume DIR`: DIR. `--run-dir DIR`: DIR, refused when it already holds a run. Otherwise runs/<run_name>, made
-    here; when it exists (two runs started in the same second) runs/<run_name>__2, __3, ..., and the run name
-    takes the suffix too (TensorBoard, videos). The folder stays locked while this process runs (`lock_run_folder`).
-    """
-    if args.resume:
-        lock_run_folder(args.resume)
-        return args.resume, run_name
-    if args.run_dir:
-        os.makedirs(args.run_dir, exist_ok=True)
-        lock_run_folder(args.run_dir)
-        if any(os.path.exists(os.path.join(args.run_dir, f)) for f in ("args.json", CHECKPOINT)):
-            raise UserError(f"{args.run_dir} already holds a run: continue it with --resume {args.run_dir} or pick "
-                            "another --run-dir")  # fmt: skip
-        return args.run_dir, run_name
-    os.makedirs(os.path.dirname(os.path.join("runs", run_name)), exist_ok=True)
-    for n in itertools.count(1):
-        name = run_name if n == 1 else f"{run_name}__{n}"
-        try:
-            os.mkdir(os.path.join("runs", name))  # atomic: of two runs making one folder, one gets FileExistsError
-        except FileExistsError:
-            continue
-        lock_run_folder(os.path.join("runs", name))
-        return os.path.join("runs", name), name
-    raise AssertionError("unreachable")
-
-
-_locks: dict[str, int] = {}  # run folder (real path) -> the file descriptor of its lock, held by this process
-
-
-def lock_run_folder(run_dir: str) -> None:
-    """Hold `run_dir/run.lock` until this process ends: an flock on it, and "PID HOST" in it for the message of a
-    second process on the folder (a new run with the same --run-dir, another --resume), which fails with one line.
-    The kernel drops the flock of a dead process, so the lock file a killed run left is taken over (with a note).
-    Holding it again is a no-op; without fcntl (Windows) there is no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    key = os.path.realpath(run_dir)
-    if key in _locks:
-        return
-    if not os.path.isdir(run_dir):
-        raise UserError(f"no run folder at {run_dir}: pass --resume runs/<run_name> of a run saved with "
-                        "--checkpoint-every")  # fmt: skip
-    path = os.path.join(run_dir, LOCK)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid, _, host = os.read(fd, 200).decode(errors="replace").strip().partition(" ")
-            os.close(fd)
-            raise UserError(
-                f"{run_dir} is in use by process {pid or '?'} on {host or 'this machine'} (it holds {path}): wait "
-                f"for it to end or stop it (kill {pid or 'PID'}), or use another folder"
-            ) from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        os.close(fd)  # its holder removed the file between our open and flock: lock the new one
-    previous = os.read(fd, 200).decode(errors="replace").strip()
-    if previous:
-        print(f"took over {path} of process {previous}, which is no longer running", flush=True)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    _locks[key] = fd
-    remove_stale_temporaries(run_dir)
-    atexit.register(_unlock, key, path)
-
-
-def _unlock(key: str, path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)  # while still holding it: a process that opened it meanwhile retries on the new file
-    os.close(_locks.pop(key))
-
-
-class StopOnSignal:
-    """From its creation until `restore()`, a first SIGINT (Ctrl-C) or SIGTERM only sets `.signal`: the training
-    loop stops at its next step boundary and saves. A second one aborts at once (`Interrupted`; the files being
-    written stay whole, see `atomic_write`). `restore()` puts the previous handlers back."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signal is not None:
-            raise Interrupted(f"{name} again: aborted at once, without saving (the last checkpoint stays)", signum)
-        self.signal = signum
-        os.write(2, f"\n{name}: stopping after this step to save the run (again: abort at once)\n".encode())
-
-
-def resume_loop(state: dict, saved, env) -> tuple:
-    """Continue a resumed run where it stopped: refuse an env with another action space, put the saved values back
-    into the objects of the training loop's `state` (`restore_training_state`) and bring the env to where the run
-    left it (`replay_env`). Returns (global_step, updates, update_budget, episode_start, obs)."""
-    tensors, progress = saved
-    agent, args = state["agent"], state["args"]
-    if progress["action_dim"] != agent.action_dim:
-        raise UserError(f"{args.resume} has {progress['action_dim']} actions but {args.env_id} has {agent.action_dim}")
-    plain = restore_training_state(state, tensors, progress)
-    print(f"resuming {state['run_name']} at step {plain['global_step']}: replaying the env", flush=True)
-    obs = replay_env(env, args.seed, state["action_history"])
-    return plain["global_step"], plain["updates"], plain["update_budget"], plain["episode_start"], obs
-
-
-def stopped(signum: int, step: int, total: int, run_dir: str, variant: str, agent_path: str | None) -> Interrupted:
-    """The exception ending a run stopped by `signum` after its state was saved: where it is and how to resume."""
-    agent = f", the agent in {agent_path}" if agent_path else ""
-    return Interrupted(
-        f"stopped by {signal.Signals(signum).name} at step {step}/{total}: the training state is in "
-        f"{os.path.join(run_dir, CHECKPOINT)}{agent}; continue with: python {variant}.py --resume "
-        f"{shlex.quote(run_dir)}",
-        signum,
-    )
+def resume_loop(state: TrainingState, saved: Checkpoint, env) -> tuple:
+    """Continue a resumed run where it stopped: refuse an env with another action space, put the saved state back
+    into the training loop's `state` (`restore_training_state`) and bring the env to where the run left it
+    (`replay_env`). Returns (global_step, updates, update_budget, episode_start, obs)."""
+    args = state.args
+    if saved.action_dim != state.agent.action_dim:
+        raise UserError(f"{args.resume} has {saved.action_dim} actions but {args.env_id} has {state.agent.action_dim}")
+    restore_training_state(state, saved)
+    print(f"resuming {state.run_name} at step {state.global_step}: replaying the env", flush=True)
+    obs = replay_env(env, args.seed, state.action_history)
+    return state.global_step, state.updates, state.update_budget, state.episode_start, obs
 
 
 def replay_env(env, seed: int, actions: list[int]):

@@ -1,4 +1,5 @@
-"""The argument checks every drama_*.py script shares: ranges of the run's settings, by field name.
+"""The run's settings that every drama_*.py script shares the handling of: their ranges, by field name
+(`check_ranges`), and a saved run's settings read back into its `Args` (`args_from_config`).
 
 Each failure is a one-line UserError `--flag-name ...: how to fix`. The checks about the model itself (head
 dimension, context length, encoder filters, DFS temperatures) stay in the scripts' `check_args`.
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sysconfig
 import types
 import typing
 
@@ -55,7 +57,7 @@ def _expected_type(value, hint) -> str | None:
 
 def check_config(args_class, config: dict, path) -> None:
     """Refuse an args.json whose fields do not fit `args_class` (the variant's Args): one line naming the field
-    and the file, before any model is built from it. Keys Args does not know are ignored (as `_build_args`)."""
+    and the file, before any model is built from it. Keys Args does not know are ignored (as `args_from_config`)."""
     hints = typing.get_type_hints(args_class)
     for field in dataclasses.fields(args_class):
         if field.name in config:
@@ -65,6 +67,16 @@ def check_config(args_class, config: dict, path) -> None:
                     f"{path}: {field.name!r} is {json.dumps(config[field.name])}, but {args_class.__name__}."
                     f"{field.name} needs {expected}: fix it or re-save the agent"
                 )
+
+
+def args_from_config(args_class, config: dict, path):
+    """`args_class` (a script's Args) from a saved run's settings: its args.json, or the "args" its checkpoint holds.
+    Each field's type is checked first (`check_config`, errors name `path`); JSON lists become tuples; keys
+    `args_class` does not know (`variant`, `action_dim`, a field a script no longer has) are left out, and fields
+    the saved run lacks take their defaults. The script's range checks are for the caller (`check_args`)."""
+    check_config(args_class, config, path)
+    fields = {field.name for field in dataclasses.fields(args_class)}
+    return args_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
 
 
 def flag(field: str) -> str:
@@ -111,12 +123,26 @@ def check_ranges(args) -> None:
         )
 
 
-def check_compiler(device) -> None:
-    """--compile builds code at run time: inductor's C++ on a CPU, Triton's C launchers on CUDA."""
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+def check_compiler(device, compile: bool, triton_scan: bool = False) -> None:
+    """Code built at run time needs a compiler: `compile` (--compile) builds inductor's C++ on a CPU; on CUDA, Triton
+    builds C launchers, for --compile and for mamba_ssm's fused Mamba-2 scan (`triton_scan`) alike."""
+    if compile and device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
         raise UserError("--compile on CPU needs a C++ compiler: install one (apt-get install g++) or drop --compile")
-    if device.type == "cuda" and not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+    if device.type != "cuda" or not (compile or triton_scan):
+        return
+    if os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"):
+        headers = sysconfig.get_paths()["include"]  # Triton's launchers include Python.h
+        if not os.path.exists(os.path.join(headers, "Python.h")):
+            raise UserError(
+                f"Triton on CUDA builds C launchers that need Python's C headers, and {headers} has no Python.h: "
+                "install them (apt-get install python3-dev)" + ("" if triton_scan else " or drop --compile")
+            )
+        return
+    if triton_scan:
         raise UserError(
-            "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, "
-            "or drop --compile"
+            "mamba_ssm's fused Mamba-2 scan builds Triton kernels on CUDA and needs a C compiler: install one "
+            "(apt-get install gcc) or set CC (without mamba-ssm the scripts run the slower pure-PyTorch scan)"
         )
+    raise UserError(
+        "--compile on CUDA needs a C compiler for Triton: install one (apt-get install gcc), set CC, or drop --compile"
+    )

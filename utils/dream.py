@@ -14,9 +14,9 @@ writes to --out (default videos/dream__{Game}__{exp_name}__{seed}):
     error_vs_horizon.png / .json                pixel MSE and |reward error| of open-loop imagination against the
                                                 imagination horizon 1..H, averaged over many start points
 
-Alignment (DESIGN.md): h_t = f(z_<=t, a_<=t) gives the prior over z_{t+1} and the reward r_t of a_t. Over the
+Alignment (paper 2.2.2, eq. 5): h_t = f(z_<=t, a_<=t) gives the prior over z_{t+1} and the reward r_t of a_t. Over the
 context steps t < C the dynamics runs on posterior latents of real frames; then, for t = C .. T-1,
-z_t ~ prior(h_{t-1}) and h_t = dynamics.step(z_t, a_t). The imagined frame at horizon k (k = 1, 2, ...) is
+z_t ~ prior(h_{t-1}) and h_t = dynamics.forward_token(z_t, a_t). The imagined frame at horizon k (k = 1, 2, ...) is
 decoder(z_{C-1+k}), its predicted reward reward(h_{C-1+k}): the reward of the real action a_{C-1+k} taken at
 that frame, predicted from a state that has seen k imagined latents.
 
@@ -32,7 +32,6 @@ variant's world model works (drama_xs, drama_s, drama_mamba1, drama_uniform_samp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -41,80 +40,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from utils import UserError, game_of, run_cli
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Open-loop imagination under real actions
-# ----------------------------------------------------------------------------------------------------------
-def latent(probs: torch.Tensor, sample: bool = False) -> torch.Tensor:
-    """probs (..., K, C) -> one-hot latent (..., K*C): each categorical's most likely class, or a sample."""
-    if sample:
-        index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:-1])
-    else:
-        index = probs.argmax(-1)  # (..., K)
-    return F.one_hot(index, probs.shape[-1]).to(probs.dtype).flatten(-2)
-
-
-def _as_tensor(x, device: torch.device) -> torch.Tensor:
-    """numpy or a tensor on any device -> a tensor on `device` (numpy is never handed a tensor: it cannot read GPU
-    memory)."""
-    return x.to(device) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), device=device)
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def imagine_open_loop(world_model, z_context: torch.Tensor, actions: torch.Tensor, sample: bool = False):
-    """Run the dynamics over C real latents, then imagine T - C more under the given actions.
-
-    z_context (B, C, L) posterior latents of the context frames; actions (B, T), T >= C, the actions taken.
-    Returns z (B, T, L): z[:, :C] = z_context, z[:, t] ~ prior(h_{t-1}) for t >= C; and rewards (B, T):
-    rewards[:, t] = reward(h_t), the predicted reward of a_t (teacher-forced for t < C, open loop after).
-    """
-    context = z_context.shape[1]
-    h, state = world_model.dynamics(z_context, actions[:, :context])  # (B, C, D)
-    zs, rewards, h = [z_context], [world_model.reward(h)], h[:, -1]  # h_{C-1}
-    for t in range(context, actions.shape[1]):
-        z = latent(world_model.prior(h), sample)  # z_t ~ prior(h_{t-1}): (B, L)
-        h, state = world_model.dynamics.step(z, actions[:, t], state)  # h_t: (B, D)
-        zs.append(z[:, None])
-        rewards.append(world_model.reward(h)[:, None])
-    return torch.cat(zs, 1), torch.cat(rewards, 1)
-
-
-def _decode(world_model, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """z (N, L) -> frames (N, 3, 64, 64) float in [0, 1], decoded in chunks."""
-    return torch.cat([world_model.decoder(part) for part in z.split(chunk)])
-
-
-def _to_float(obs: torch.Tensor) -> torch.Tensor:
-    """(N, 64, 64, 3) uint8 -> (N, 3, 64, 64) float in [0, 1]."""
-    return obs.permute(0, 3, 1, 2).float().div(255)
-
-
-def _to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """(N, 3, 64, 64) float in [0, 1] -> (N, 64, 64, 3) uint8."""
-    return frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _pixel_mse(prediction: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """prediction (N, 3, 64, 64) in [0, 1], real (N, 64, 64, 3) uint8 -> (N,) mean squared error."""
-    return (prediction.float() - _to_float(real)).pow(2).mean((1, 2, 3))
+from utils import UserError, device_of, game_of, run_cli
+from utils.open_loop import as_tensor, decode, eval_mode, imagine_open_loop, latent, pixel_mse, to_uint8, window_starts
+from utils.play import KEY_HELP, play_recorded
 
 
 @torch.no_grad()
@@ -129,24 +58,24 @@ def dream(world_model, obs, actions, rewards, context_length: int = 8, sample: b
     """
     if not 1 <= context_length <= len(obs):
         raise UserError(f"context length must be in [1, {len(obs)}] (the trajectory's length), got {context_length}")
-    device = _device(world_model)
-    obs = _as_tensor(obs, device)  # (T, 64, 64, 3)
-    actions = _as_tensor(actions, device).long()  # (T,)
-    rewards = _as_tensor(rewards, device).float()  # (T,)
-    with _eval_mode(world_model):
+    device = device_of(world_model)
+    obs = as_tensor(obs, device)  # (T, 64, 64, 3)
+    actions = as_tensor(actions, device).long()  # (T,)
+    rewards = as_tensor(rewards, device).float()  # (T,)
+    with eval_mode(world_model):
         z_real = latent(world_model.posterior(obs), sample)  # (T, L)
         z, predicted = imagine_open_loop(world_model, z_real[None, :context_length], actions[None], sample)
-        reconstructed = _decode(world_model, z_real)  # (T, 3, 64, 64)
-        imagined = torch.cat([reconstructed[:context_length], _decode(world_model, z[0, context_length:])])
+        reconstructed = decode(world_model, z_real)  # (T, 3, 64, 64)
+        imagined = torch.cat([reconstructed[:context_length], decode(world_model, z[0, context_length:])])
     predicted = predicted[0].float()
     return {
         "real": obs.cpu().numpy(),
-        "reconstructed": _to_uint8(reconstructed),
-        "imagined": _to_uint8(imagined),
+        "reconstructed": to_uint8(reconstructed),
+        "imagined": to_uint8(imagined),
         "rewards": rewards.cpu().numpy(),
         "predicted_rewards": predicted.cpu().numpy(),
-        "imagination_mse": _pixel_mse(imagined, obs).cpu().numpy(),
-        "reconstruction_mse": _pixel_mse(reconstructed, obs).cpu().numpy(),
+        "imagination_mse": pixel_mse(imagined, obs).cpu().numpy(),
+        "reconstruction_mse": pixel_mse(reconstructed, obs).cpu().numpy(),
         "reward_error": (predicted - rewards).abs().cpu().numpy(),
         "context_length": context_length,
     }
@@ -167,14 +96,6 @@ def strip(result: dict, separator: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Error against the imagination horizon, over many start points
 # ----------------------------------------------------------------------------------------------------------
-def window_starts(lengths: Sequence[int], window: int, max_starts: int) -> list[tuple[int, int]]:
-    """Up to `max_starts` (episode, start) pairs, evenly spread over every window of `window` steps that fits."""
-    valid = [(e, s) for e, length in enumerate(lengths) for s in range(length - window + 1)]
-    if len(valid) <= max_starts:
-        return valid
-    return [valid[i] for i in np.unique(np.linspace(0, len(valid) - 1, max_starts).round().astype(int))]
-
-
 @torch.no_grad()
 def error_vs_horizon(
     world_model,
@@ -200,10 +121,10 @@ def error_vs_horizon(
             f"the longest recorded episode has {max(lengths, default=0)} steps, fewer than --context-length + "
             f"--horizon = {window}: lower --horizon, or record more or longer episodes (--episodes, --max-steps)"
         )
-    device = _device(world_model)
+    device = device_of(world_model)
     mse_sum, reward_sum = torch.zeros(horizon, dtype=torch.float64), torch.zeros(horizon, dtype=torch.float64)
     scored = [np.zeros(length, bool) for length in lengths]
-    with _eval_mode(world_model):
+    with eval_mode(world_model):
         for i in range(0, len(starts), batch_size):
             batch = starts[i : i + batch_size]
             index = [(e, np.arange(s, s + window)) for e, s in batch]
@@ -217,7 +138,7 @@ def error_vs_horizon(
             reward_sum += (predicted - rewards[:, target].float()).abs().sum(0).double()
             for k in range(horizon):
                 frames = world_model.decoder(z[:, context_length + k])  # (B, 3, 64, 64)
-                mse_sum[k] += _pixel_mse(frames, obs[:, context_length + k]).sum().double().cpu()
+                mse_sum[k] += pixel_mse(frames, obs[:, context_length + k]).sum().double().cpu()
             for e, s in batch:
                 scored[e][s + context_length : s + window] = True
         recon_sum, recon_count = 0.0, 0
@@ -226,7 +147,7 @@ def error_vs_horizon(
             for part in np.array_split(frames, max(1, len(frames) // 256)) if len(frames) else []:
                 obs = torch.as_tensor(episodes[e]["obs"][part], device=device)
                 reconstructed = world_model.decoder(latent(world_model.posterior(obs), sample))
-                recon_sum += float(_pixel_mse(reconstructed, obs).double().sum())
+                recon_sum += float(pixel_mse(reconstructed, obs).double().sum())
                 recon_count += len(part)
     return {
         "horizon": list(range(1, horizon + 1)),
@@ -381,8 +302,6 @@ def write_video(frames: np.ndarray, path: str, fps: float) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from utils.play import KEY_HELP
-
     parser = argparse.ArgumentParser(
         prog="python -m utils.dream",
         description="Play real episodes with a saved DRAMA agent, then show what its world model imagines: a video "
@@ -422,8 +341,6 @@ def run(args: argparse.Namespace) -> None:
     world_model, context, horizon = agent.world_model, args.context_length, args.horizon
 
     if args.interactive:  # utils/play.py: play inside the world model
-        from utils.play import play_recorded
-
         play_recorded(world_model, env, episodes, context, args)
         return
 

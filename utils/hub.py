@@ -23,7 +23,6 @@ import importlib.util
 import json
 import re
 import sys
-import typing
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, metadata_eval_result
 
 from utils import UserError, command_parser, game_of, resolve_device, run_cli
-from utils.checks import check_config
+from utils.checks import args_from_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the drama_*.py scripts live here, next to utils/
 CHECKPOINT_FILES = ("agent.safetensors", "args.json")
@@ -361,24 +360,7 @@ def _import_variant(variant: str, folder: Path, from_hub: bool, trust_remote_cod
     return module
 
 
-def _is_tuple_field(field: dataclasses.Field) -> bool:
-    kind = field.type
-    if isinstance(kind, str):
-        return kind.startswith(("tuple", "typing.Tuple", "Tuple"))
-    return typing.get_origin(kind) is tuple or kind is tuple or isinstance(field.default, tuple)
-
-
-def _build_args(module, config: dict):
-    """module.Args from args.json: JSON lists become tuples, keys Args does not know are ignored."""
-    fields = {field.name: field for field in dataclasses.fields(module.Args)}
-    kwargs = {}
-    for key, value in config.items():
-        if key in fields:
-            kwargs[key] = tuple(value) if isinstance(value, list) and _is_tuple_field(fields[key]) else value
-    return module.Args(**kwargs)
-
-
-def check_ranges(module, args, path: Path) -> None:
+def check_variant_args(module, args, path: Path) -> None:
     """The variant's own checks of its Args (`check_args`: positive sizes, headdim dividing expand * d_model, ...),
     with the file named: an args.json edited by hand must not build a broken model."""
     check_args = getattr(module, "check_args", None)
@@ -436,7 +418,7 @@ def load_agent(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from utils.checkpoint import verify_checksum
+    from utils.files import verify_checksum
 
     weights = folder / "agent.safetensors"
     corrupted = f"{weights} is corrupted or truncated: re-download or re-save it"
@@ -476,9 +458,8 @@ def load_agent(
     module = _import_variant(saved_variant, folder, from_hub, trust_remote_code)
     if not hasattr(module, "Args") or not hasattr(module, "Agent"):
         raise UserError(f"{module.__file__} has no Args or Agent: it is not a DRAMA variant script")
-    check_config(module.Args, config, folder / "args.json")
-    args = _build_args(module, config)
-    check_ranges(module, args, folder / "args.json")
+    args = args_from_config(module.Args, config, folder / "args.json")
+    check_variant_args(module, args, folder / "args.json")
     agent = module.Agent(args, action_dim)
     expected = {key: tuple(value.shape) for key, value in agent.state_dict().items()}
     if missing := sorted(expected.keys() - shapes.keys()):
@@ -527,8 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.run_dir} has no args.json: pass a run folder written by save_agent")
         config = read_config(run)
         module = _import_variant(str(config.get("variant")), run, False, False)
-        check_config(module.Args, config, run / "args.json")
-        run_args = _build_args(module, config)
+        run_args = args_from_config(module.Args, config, run / "args.json")
         if args.hf_entity is not None:
             run_args.hf_entity = args.hf_entity
         push_to_hub(run_args, args.run_dir, repo_id=args.repo_id, video_folder=args.video_folder)

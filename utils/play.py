@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from utils import UserError
-from utils.dream import _as_tensor, _device, _eval_mode, _to_uint8, latent, window_starts
+from utils import UserError, device_of
+from utils.open_loop import as_tensor, eval_mode, latent, to_uint8, window_starts
 
 KEY_HELP = (
     "arrows: UP/DOWN/LEFT/RIGHT, space: FIRE, combined as the game allows (UP+space -> UPFIRE; a combination "
@@ -100,7 +100,7 @@ def play_interactive(
     context: (obs (C, 64, 64, 3) uint8, actions (C,)) real steps, or a callable returning one (called again on R).
     key_source: an iterable giving, once per frame, the keys held: a name, a collection of names or None (see
     `key_action`; "r" restarts from a fresh context, "escape" quits); None reads the keyboard. The first frame
-    is decoder(z_C), z_C ~ prior(h_{C-1}) after the context; each next frame takes one dynamics.step with the
+    is decoder(z_C), z_C ~ prior(h_{C-1}) after the context; each next frame takes one dynamics.forward_token with the
     chosen action. Stops after `steps` steps (None: when key_source ends or on Escape), at `fps` frames per
     second (0: as fast as possible). Returns the frames shown, (64, 64, 3) uint8 each: 1 + steps + restarts.
     Headless: set SDL_VIDEODRIVER=dummy.
@@ -111,18 +111,18 @@ def play_interactive(
     except ImportError:
         raise UserError("--interactive needs pygame: pip install pygame") from None
     get_context = context if callable(context) else lambda: context
-    device = _device(world_model)
+    device = device_of(world_model)
     frames: list[np.ndarray] = []
 
     def restart():
         obs, actions = get_context()
-        obs = _as_tensor(obs, device)[None]  # (1, C, 64, 64, 3)
-        actions = _as_tensor(actions, device).long()[None]  # (1, C)
+        obs = as_tensor(obs, device)[None]  # (1, C, 64, 64, 3)
+        actions = as_tensor(actions, device).long()[None]  # (1, C)
         h, state = world_model.dynamics(latent(world_model.posterior(obs), sample), actions)
         return latent(world_model.prior(h[:, -1]), sample), state  # z_C (1, L)
 
     def show(z, caption):
-        frame = _to_uint8(world_model.decoder(z))[0]  # (64, 64, 3)
+        frame = to_uint8(world_model.decoder(z))[0]  # (64, 64, 3)
         frames.append(frame)
         big = frame.repeat(scale, 0).repeat(scale, 1)  # (64 s, 64 s, 3)
         screen.blit(pygame.surfarray.make_surface(big.swapaxes(0, 1)), (0, 0))
@@ -136,7 +136,7 @@ def play_interactive(
         raise UserError(f"cannot open a window for --interactive ({error}): run it on a desktop") from None
     keys_iter = iter(key_source if key_source is not None else keyboard())
     clock, taken, total = pygame.time.Clock(), 0, 0.0
-    with _eval_mode(world_model), contextlib.ExitStack() as stack:
+    with eval_mode(world_model), contextlib.ExitStack() as stack:
         stack.callback(pygame.display.quit)
         z, state = restart()
         show(z, "DRAMA dream: real context")
@@ -150,7 +150,7 @@ def play_interactive(
                 show(z, "DRAMA dream: fresh real context")
                 continue
             action = key_action(keys, action_meanings)
-            h, state = world_model.dynamics.step(z, torch.tensor([action], device=device), state)
+            h, state = world_model.dynamics.forward_token(z, torch.tensor([action], device=device), state)
             reward = float(world_model.reward(h)[0])
             total += reward
             z = latent(world_model.prior(h), sample)

@@ -73,8 +73,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return [sys.executable, str(ROOT / self.script), *flags]
 
     def runtime_flags(self) -> list[str]:
-        """The flags a resumed run takes from its command line, not from its checkpoint (where and how it runs):
-        without them a run started with `--torch-threads 1` would resume on every core, and not bit for bit."""
+        """Where and how the run runs, given again when it resumes: `--device` and `--compile` come from a resumed
+        run's command line, not from its checkpoint (its `--torch-threads` is kept anyway: giving it again is the
+        same)."""
         kept, flags = [], iter(self.flags)
         for flag in flags:
             name = flag.split("=")[0]
