@@ -61,8 +61,8 @@ def test_world_model_learns_real_frames():
     assert kl_after < kl_before, (kl_before, kl_after)
 
 
-# The whole agent on the sanity game, at a laptop scale (README "Does it learn?"): a small VAE and Mamba, short
-# sequences, higher learning rates and a short warm-up; the algorithm is unchanged.
+# The whole agent on the sanity game, at a laptop scale (README, "A first run"; docs/learning.md): a small VAE and
+# Mamba, short sequences, higher learning rates and a short warm-up; the algorithm is unchanged.
 CATCH_FLAGS = (
     "--env-id drama/Catch-v0 --seed 1 --total-timesteps 3000 --random-steps 300 --train-ratio 0.5 "
     "--encoder-filters 8 16 16 16 16 --d-model 128 --headdim 64 --head-hidden 128 --actor-hidden 128 "
