@@ -12,7 +12,7 @@ loss) at a reduced batch, and reports on the last `--holdout` steps, never train
 
     python benchmarks/world_model_learning.py --quick        # ~10 min on 2 CPU cores
     python benchmarks/world_model_learning.py --steps 8000 --updates 1000 --batch-size 4 --sequence-length 32 \
-        --lr 2e-4 --warmup 100                                # the numbers in README.md
+        --lr 2e-4 --warmup 100                                # the numbers in docs/learning.md
 """
 
 import argparse

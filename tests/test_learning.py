@@ -61,8 +61,8 @@ def test_world_model_learns_real_frames():
     assert kl_after < kl_before, (kl_before, kl_after)
 
 
-# The whole agent on the sanity game, at a laptop scale (README "Does it learn?"): a small VAE and Mamba, short
-# sequences, higher learning rates and a short warm-up; the algorithm is unchanged.
+# The whole agent on the sanity game, at a laptop scale (README, "A first run"; docs/learning.md): a small VAE and
+# Mamba, short sequences, higher learning rates and a short warm-up; the algorithm is unchanged.
 CATCH_FLAGS = (
     "--env-id drama/Catch-v0 --seed 1 --total-timesteps 3000 --random-steps 300 --train-ratio 0.5 "
     "--encoder-filters 8 16 16 16 16 --d-model 128 --headdim 64 --head-hidden 128 --actor-hidden 128 "
@@ -97,10 +97,25 @@ def test_agent_learns_catch(tmp_path):
     assert results["episodes"] == 100 and results["mean"] > bar, (results["mean"], bar)
 
 
+def test_diagnose_run_auc_counts_the_pairs_ranked_right():
+    """benchmarks/diagnose_run.py's AUC is the share of (positive, negative) pairs where the positive scores higher,
+    ties counting half (a brute-force count over all pairs); 1 for a perfect ranking, 0.5 for a constant score."""
+    from benchmarks.diagnose_run import auc
+
+    rng = np.random.default_rng(0)
+    score, positive = rng.integers(0, 5, 300).astype(float), rng.random(300) < 0.2  # many ties
+    pairs = score[positive][:, None] - score[~positive][None, :]
+    assert auc(score, positive) == pytest.approx(np.mean((pairs > 0) + 0.5 * (pairs == 0)), abs=1e-12)
+    assert auc(positive.astype(float), positive) == 1.0 and auc(np.zeros(300), positive) == 0.5
+    assert np.isnan(auc(score, np.zeros(300, bool)))
+
+
 def test_diagnose_run_reports_the_heads_on_the_checkpointed_buffer(tmp_path):
-    """benchmarks/diagnose_run.py on a tiny Catch run: the share of rewarded and terminal steps it reports is the
-    checkpointed buffer's own (Catch: one +-1 reward and one termination per 15-step episode), and the entropy's
-    maximum is ln(3)."""
+    """benchmarks/diagnose_run.py on a tiny Catch run: windows of the run's --sequence-length, the share of rewarded
+    and terminal steps of the checkpointed buffer (Catch: one +-1 reward and one termination per 15-step episode),
+    the marginal's losses over all steps in closed form (the entropy of the mean two-hot target; the binary entropy of
+    the terminal rate), and the entropy's maximum ln(3)."""
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -114,15 +129,23 @@ def test_diagnose_run_reports_the_heads_on_the_checkpointed_buffer(tmp_path):
              "--torch-threads 1 --checkpoint-every 300 --no-save-model --run-dir run").split()  # fmt: skip
     subprocess.run([sys.executable, str(root / "drama_xs.py"), *flags], cwd=tmp_path, check=True, timeout=300)
     result = subprocess.run(
-        [sys.executable, root / "benchmarks" / "diagnose_run.py", "run", "--steps", "240", "--window-length", "16"],
+        [sys.executable, root / "benchmarks" / "diagnose_run.py", "run", "--steps", "250"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     buffer = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
-    rewards, terminations = buffer["buffer.rewards"][-240:], buffer["buffer.terminations"][-240:]
+    rewards, terminations = buffer["buffer.rewards"][-240:], buffer["buffer.terminations"][-240:]  # 15 windows of 16
     assert set(rewards[rewards != 0]) <= {-1.0, 1.0} and (rewards != 0).sum() == terminations.sum() == 16
     out = result.stdout
-    assert "checkpoint at step 300 (240 of the buffer's last steps)" in out
+    assert "checkpoint at step 300: the buffer's last 240 steps in windows of 16 (the run's --sequence-length)" in out
     assert f"reward head: {(rewards != 0).mean():.1%} of the steps have a reward" in out
-    assert f"termination head: {terminations.mean():.2%} terminal steps" in out
+    assert f"termination head: {terminations.mean():.2%} terminal steps (16)" in out
+    marginal = drama_xs.TwoHotSymlog().encode(torch.from_numpy(rewards)).mean(0)
+    entropy = -(marginal * marginal.clamp(min=1e-30).log()).sum().item()
+    rate = terminations.mean()
+    binary_entropy = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+    all_steps = re.findall(r"all steps +(\S+) +(\S+)", out)  # (head, marginal) of the reward, then the termination
+    assert float(all_steps[0][1]) == pytest.approx(entropy, abs=1e-3), (out, entropy)
+    assert float(all_steps[1][1]) == pytest.approx(binary_entropy, abs=1e-3), (out, binary_entropy)
+    assert re.search(r"AUC of P\(\|r\| > 0.5\) for the 16 steps with \|r\| > 0.5: [01]\.\d{3}", out), out
     assert "maximum ln(3) = 1.099" in out

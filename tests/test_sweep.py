@@ -17,7 +17,7 @@ from submitit.slurm.test_slurm import mocked_slurm
 from utils import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-# The README's local sweep, shrunk: a run takes seconds; a checkpoint at step 24 of 32, after 8 of 16 updates.
+# docs/sweeps.md's local sweep, shrunk: a run takes seconds; a checkpoint at step 24 of 32, after 8 of 16 updates.
 TINY = (
     "--total-timesteps 32 --random-steps 16 --checkpoint-every 24 --eval-episodes 1 --batch-size 2 "
     "--sequence-length 8 --imagine-batch-size 4 --imagine-context-length 4 --imagine-horizon 2 --d-model 32 "
