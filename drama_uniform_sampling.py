@@ -735,14 +735,14 @@ class Agent(nn.Module):
         self.reset(1)
 
     def reset(self, num_envs: int) -> None:
-        """Empty acting windows for `num_envs` envs: window_z (N, w, z) and window_actions (N, w) on the agent's
-        device (made at the first `act`), oldest pair first; window_lengths (N,) on the host: how many each holds."""
+        """Empty acting windows for `num_envs` envs: window_z (b, w, z) and window_actions (b, w) on the agent's
+        device (made at the first `act`), oldest pair first; window_lengths (b,) on the host: how many each holds."""
         self.window_lengths = np.zeros(num_envs, dtype=np.int64)
         self.window_z = self.window_actions = None
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, episode_start=None, greedy: bool = False):
-        """obs (N, 64, 64, 3) uint8, episode_start (N,) bool (obs is an episode's first frame) -> actions (N,); one
+        """obs (b, 64, 64, 3) uint8, episode_start (b,) bool (obs is an episode's first frame) -> actions (b,); one
         frame (64, 64, 3) with one bool (as a Gymnasium env gives them) -> one action (an int).
 
         The windows stay on the device: one copy of obs there, one sync per call (the actions' copy back)."""
@@ -760,15 +760,15 @@ class Agent(nn.Module):
             self.window_lengths[np.asarray(episode_start, dtype=bool)] = 0
         was_training = self.training
         self.eval()
-        posterior = self.world_model.posterior(to_device(np.array(obs), device))  # (N, 32, 32)
-        z_new = sample_latent(posterior)  # (N, 1024)
+        posterior = self.world_model.posterior(to_device(np.array(obs), device))  # (b, zv, zc)
+        z_new = sample_latent(posterior)  # (b, z)
         self._windows_on(z_new.dtype, device)
         actions = torch.randint(self.action_dim, (len(obs),), device=device)
         lengths = self.window_lengths
         for length in set(lengths[lengths > 0].tolist()):  # envs with equally long windows run together
             envs = rows_of(np.flatnonzero(lengths == length), device)
             h, _ = self.world_model.dynamics(self.window_z[envs, :length], self.window_actions[envs, :length])
-            h = h[:, -1]  # (n, 512)
+            h = h[:, -1]  # (len(envs), d)
             z_actor = z_new[envs] if self.args.act_on_posterior else sample_latent(self.world_model.prior(h))
             actions[envs] = self.actor_critic.act(torch.cat([z_actor, h], -1), greedy)
         self._append_to_windows(z_new, actions)
@@ -789,7 +789,7 @@ class Agent(nn.Module):
             envs = rows_of(np.flatnonzero(full), z.device)
             self.window_z[envs] = self.window_z[envs].roll(-1, 1)  # the oldest pair moves last, to be overwritten
             self.window_actions[envs] = self.window_actions[envs].roll(-1, 1)
-        position = to_device(np.minimum(self.window_lengths, self.args.act_context_length - 1), z.device)  # (N,)
+        position = to_device(np.minimum(self.window_lengths, self.args.act_context_length - 1), z.device)  # (b,)
         envs = torch.arange(len(position), device=z.device)
         self.window_z[envs, position], self.window_actions[envs, position] = z, actions
         self.window_lengths = np.minimum(self.window_lengths + 1, self.args.act_context_length)
