@@ -33,6 +33,20 @@ def dfs_mod(request):
     return importlib.import_module(request.param)
 
 
+# An agent small enough to build, save and act with in well under a second (`Args(env_id=..., **TINY_AGENT)`).
+TINY_AGENT = dict(
+    d_model=64,
+    headdim=32,
+    encoder_filters=(4, 8, 8, 8, 8),
+    stoch_categoricals=8,
+    stoch_classes=8,
+    act_context_length=4,
+    actor_hidden=32,
+    critic_hidden=32,
+    head_hidden=32,
+)
+
+
 def tiny_args(mod, **overrides):
     """A small but complete configuration of the script `mod` (overrides a variant's Args lacks are left out)."""
     kwargs = dict(

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_AGENT
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, ModelCard
 from huggingface_hub.utils import LocalTokenNotFoundError, OfflineModeIsEnabled
 from safetensors import safe_open
@@ -33,18 +34,6 @@ from utils.evaluate import evaluate, save_results
 from utils.hub import load_agent, push_to_hub
 
 ROOT = Path(__file__).resolve().parent.parent
-# A model small enough to build, save and act with in well under a second on the CPU.
-TINY = dict(
-    d_model=64,
-    headdim=32,
-    encoder_filters=(4, 8, 8, 8, 8),
-    stoch_categoricals=8,
-    stoch_classes=8,
-    act_context_length=4,
-    actor_hidden=32,
-    critic_hidden=32,
-    head_hidden=32,
-)
 TRAIN_FLAGS = (
     "--env-id ALE/Pong-v5 --total-timesteps 40 --random-steps 32 --buffer-size 64 --batch-size 2 "
     "--sequence-length 8 --imagine-batch-size 4 --imagine-context-length 4 --imagine-horizon 3 "
@@ -82,7 +71,7 @@ def offline(monkeypatch, tmp_path):
 def saved(tmp_path_factory):
     """An untrained tiny Pong agent saved with utils.checkpoint.save_agent (non-trivial normaliser statistics)."""
     torch.manual_seed(0)
-    args = drama_xs.Args(env_id="ALE/Pong-v5", **TINY)
+    args = drama_xs.Args(env_id="ALE/Pong-v5", **TINY_AGENT)
     agent = drama_xs.Agent(args, 6)
     with torch.no_grad():
         for buffer in agent.buffers():
@@ -179,7 +168,7 @@ def test_load_local_folder_same_weights_and_acts(saved):
 def test_load_every_variant(variant, tmp_path):
     module = importlib.import_module(variant)
     fields = {f.name for f in dataclasses.fields(module.Args)}
-    args = module.Args(env_id="ALE/Pong-v5", **{k: v for k, v in TINY.items() if k in fields})
+    args = module.Args(env_id="ALE/Pong-v5", **{k: v for k, v in TINY_AGENT.items() if k in fields})
     save_agent(module.Agent(args, 6), args, str(tmp_path), variant)
     agent = load_agent(str(tmp_path), variant=variant)
     assert type(agent) is module.Agent and json.loads((tmp_path / "args.json").read_text())["variant"] == variant
@@ -409,7 +398,7 @@ def test_push_to_hub(trained_run, tmp_path, fake_api):
 
 
 def test_push_to_hub_errors(saved, fake_api, tmp_path):
-    args = drama_xs.Args(env_id="ALE/Pong-v5", hf_entity="tester", **TINY)
+    args = drama_xs.Args(env_id="ALE/Pong-v5", hf_entity="tester", **TINY_AGENT)
     cases = [
         (LocalTokenNotFoundError("no token"), r"not logged in .*hf auth login.*huggingface-cli login"),
         (ConnectionError("no route to host"), "check the network"),

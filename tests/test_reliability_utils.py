@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_AGENT
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -31,17 +32,6 @@ from utils.files import CHECKSUM, tensor_checksum
 from utils.hub import load_agent
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(
-    d_model=64,
-    headdim=32,
-    encoder_filters=(4, 8, 8, 8, 8),
-    stoch_categoricals=8,
-    stoch_classes=8,
-    act_context_length=4,
-    actor_hidden=32,
-    critic_hidden=32,
-    head_hidden=32,
-)
 GAMES = ("Pong", "Krull", "Breakout", "Boxing", "Freeway", "MsPacman")
 EXPS = {"drama_xs": 0.6, "drama_uniform_sampling": 0.2, "drama_mamba1": -0.4}  # mean HNS of each exp
 NON_ATARI100K = ("drama/Catch-v0", "minigrid:MiniGrid-Empty-5x5-v0", "ALE/Tetris-v5")
@@ -190,7 +180,7 @@ def test_performance_profile_falls_from_one_to_zero_for_negative_scores():
 def pong_run(tmp_path_factory):
     """A tiny untrained Pong agent saved by utils.checkpoint.save_agent."""
     torch.manual_seed(0)
-    args = drama_xs.Args(env_id="ALE/Pong-v5", **TINY)
+    args = drama_xs.Args(env_id="ALE/Pong-v5", **TINY_AGENT)
     run_dir = tmp_path_factory.mktemp("pong") / "runs" / "ALE" / "Pong-v5__drama_xs__1__0"
     save_agent(drama_xs.Agent(args, 6), args, str(run_dir), "drama_xs")
     return run_dir
