@@ -80,7 +80,8 @@ def test_agent_learns_catch(tmp_path):
     65% of the balls caught, where any policy that ignores the pixels catches 12.5% (tests/test_envs.py).
     Measured with these flags (Intel Xeon, avx512_bf16 + amx_bf16, so bf16; 1,350 updates): 0.70; with the
     actor-loss sign flipped: -1.00; rewards one step late: -0.70 (one thread, 2 cores loaded by other jobs, about
-    45 minutes). This test on the same machine idle (2 threads): 0.52 in 11 min 20 s.
+    45 minutes). This test on the same machine idle (2 threads): 0.52 in 11 min 20 s; with `--precision fp32` (what
+    a CPU without native bf16 runs): 0.60 in 19 min 22 s.
     """
     import json
     import subprocess
