@@ -126,7 +126,7 @@ def test_checkpoint_stops_the_run_and_requeues_the_same_job(tmp_path, monkeypatc
     job._process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     process = job._process
     delayed = job.checkpoint()
-    assert process.poll() == -signal.SIGTERM  # stopped: it resumes from its last checkpoint
+    assert process.poll() == -signal.SIGUSR2  # stopped (a script saves at its step boundary first): it resumes
     assert delayed.function is job and job._process is None
     requeued = cloudpickle.loads(cloudpickle.dumps(delayed))
     (tmp_path / "checkpoint.safetensors").touch()
