@@ -144,7 +144,7 @@ class LocalSlurm:
         self.start_daemon("munged")
         self.start_daemon("slurmctld")
         self.start_daemon("slurmd")
-        self.wait_for_idle_node(timeout_s)
+        self.wait_for_node(timeout_s)
 
     def daemon_command(self, name: str) -> list[str]:
         if name == "munged":
@@ -179,13 +179,20 @@ class LocalSlurm:
         done = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.environment, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    def wait_for_idle_node(self, timeout_s: float) -> None:
+    def wait_for_node(self, timeout_s: float, states: tuple[str, ...] = ("idle",)) -> None:
+        """Wait until the node is in one of `states` (sinfo's short names: idle, mix, alloc)."""
         deadline = time.time() + timeout_s
-        while self.node_state() != "idle":
+        while self.node_state() not in states:
             if time.time() > deadline:
-                raise UserError(f"the node is not idle after {timeout_s:.0f} s (state '{self.node_state()}'): see "
-                                f"{self.folder / 'slurmctld.log'} and {self.folder / 'slurmd.log'}")  # fmt: skip
+                raise UserError(f"the node is not {' or '.join(states)} after {timeout_s:.0f} s (state "
+                                f"'{self.node_state()}'): see {self.folder / 'slurmctld.log'} and "
+                                f"{self.folder / 'slurmd.log'}")  # fmt: skip
             time.sleep(0.5)
+
+    def restart_slurmd(self, timeout_s: float = 60) -> None:
+        """Start slurmd again (after `kill_slurmd`) and wait until the node serves jobs."""
+        self.start_daemon("slurmd")
+        self.wait_for_node(timeout_s, ("idle", "mix", "alloc"))
 
     def kill_slurmd(self) -> None:
         """Kill slurmd and the job steps it started (slurmstepd and their processes), as a node crash would."""
