@@ -223,7 +223,7 @@ def test_a_sweep_cancelled_with_scancel_resumes_then_finishes_then_submits_nothi
 def test_a_preempted_job_resumes_from_the_signal_and_max_requeues_is_respected(cluster, tmp_path, reference):
     """Preemption as Slurm does it: SIGUSR2 to every process of the job (`scancel --signal=USR2`, submitit requeues
     it from its checkpoint()), and a bare `scontrol requeue` (SIGTERM, then Slurm requeues it). With a time limit
-    under 50 minutes submitit counts every SIGUSR2 as a timeout, so `--max-requeues 1` allows one."""
+    of 10 minutes or less submitit counts every SIGUSR2 as a timeout, so `--max-requeues 1` allows one."""
     sweep_dir = tmp_path / "sweep"
     done = run_sweep(sweep_dir, GAMES[:1], ["1"], LONG, "--timeout-min", "3", "--max-requeues", "1")
     assert done.returncode == 0, done.stderr
