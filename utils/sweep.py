@@ -56,7 +56,7 @@ def last_line(path: Path) -> str:
 
 RUNTIME_FLAGS = {"--device", "--compile", "--no-compile", "--torch-threads"}  # see `Args.resume` in the scripts
 # exit codes of a script that stopped on SIGINT, SIGTERM or SIGUSR2 after saving its state (`utils.Interrupted`)
-STOPPED_CODES = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGUSR2: "SIGUSR2"}
+STOPPED_CODES = {128 + signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
 STOP_WAIT_S = 60  # how long checkpoint() waits for the script to save (Slurm's warning comes 90 s before the kill)
 SIGNAL_LEAD_S = 90  # submitit's default `signal_delay_s`: SIGUSR2 comes this long before the time limit
 
@@ -149,8 +149,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             except subprocess.TimeoutExpired:
                 self._process.kill()
         self._process = None  # a Popen cannot be pickled into the requeued job
-        log = Path(self.run_dir) / LOG
-        self.report("requeued", stopped=last_line(log) if log.exists() else "")
+        self.report("requeued")
         return super().checkpoint()
 
     def __getstate__(self) -> dict:
