@@ -1114,7 +1114,7 @@ def main(args: Args) -> None:
         obs, _ = env.reset(seed=args.seed)
     progress = ProgressLine(first_step, args.total_timesteps, args.random_steps, args.train_ratio)
     step, checkpointed = first_step, first_step if saved else None  # env steps taken; of the last checkpoint
-    stop = runs.StopOnSignal()  # Ctrl-C, SIGTERM: stop at a step boundary, save, say how to resume
+    stop = runs.StopOnSignal()  # Ctrl-C, SIGTERM, SIGUSR2: stop at a step boundary and save, say how to resume
     for global_step in range(first_step, args.total_timesteps):
         # ALGO LOGIC: collect (random actions before `random_steps`, then the actor on the world model's state)
         if global_step < args.random_steps:

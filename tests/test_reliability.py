@@ -1,9 +1,9 @@
 """Nothing a run has done is lost or overwritten, and damage is caught (the scripts; test_reliability_utils.py: the
 utils).
 
-- SIGINT/SIGTERM stop a run at a step boundary, with its state and agent saved (also with --checkpoint-every 0),
-  one line saying how to resume, exit code 130/143; the resumed run ends with the weights of an uninterrupted
-  one; a second Ctrl-C aborts at once;
+- SIGINT/SIGTERM/SIGUSR2 (Slurm's) stop a run at a step boundary, with its state and agent saved (also with
+  --checkpoint-every 0), one line saying how to resume, exit code 130/143/140; the resumed run ends with the weights
+  of an uninterrupted one; a second Ctrl-C aborts at once, a repeated SIGUSR2 is ignored;
 - a run folder is locked while a process trains in it (a second process fails naming the PID; the lock file of
   a dead process is taken over); new runs of the same name get distinct folders;
 - a full disk or another OSError while saving is one line naming the path and the space needed, the previous
@@ -100,26 +100,43 @@ def test_sigint_saves_the_run_and_the_resumed_run_ends_as_an_uninterrupted_one(t
     assert step > 40  # it stopped while training, and the resumed run trained on from there
 
 
-def test_sigterm_saves_and_exits_143(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR2, 140)])
+def test_sigterm_and_slurms_sigusr2_save_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, signum, code):
+    """SIGUSR2: Slurm's warning before a time limit or a preemption, sent to every process of the job (and maybe
+    again by submitit's checkpoint()): a repeated one is ignored, the run stops once and saves."""
     terminated = start(tmp_path, *TINY, "--total-timesteps", "100000", "--run-dir", "t", "--checkpoint-every", "7")
     wait_for_progress(terminated)
-    terminated.send_signal(signal.SIGTERM)
-    code, stderr = finish(terminated)
+    time.sleep(2)  # some training steps (the random steps end at step 40)
+    terminated.send_signal(signum)
+    if signum == signal.SIGUSR2:
+        terminated.send_signal(signum)
+    code_, stderr = finish(terminated)
     name, step, *_ = STOPPED.match(last_line(stderr)).groups()
-    assert code == 143 and name == "SIGTERM"
-    assert read_training_state(str(tmp_path / "t"), "drama_xs").global_step == int(step)
+    assert (code_, name) == (code, signum.name) and "Traceback" not in stderr, stderr
+    again = " (again: abort at once)" if signum == signal.SIGTERM else ""
+    assert f"{signum.name}: stopping after this step to save the run{again}\n" in stderr
+    step = int(step)
+    assert read_training_state(str(tmp_path / "t"), "drama_xs").global_step == step and step > 40
+    total = str(step + 8)
+    resumed = start(tmp_path, "--resume", "t", "--total-timesteps", total)
+    straight = start(tmp_path, *TINY, "--total-timesteps", total, "--checkpoint-every", "7", "--run-dir", "s")
+    assert finish(resumed)[0] == 0 and finish(straight)[0] == 0
+    assert same_weights(tmp_path / "t" / "agent.safetensors", tmp_path / "s" / "agent.safetensors")
 
 
-def test_a_second_signal_aborts_at_once():
+def test_a_second_signal_aborts_at_once_but_a_repeated_sigusr2_is_ignored():
     stop = runs.StopOnSignal()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signal == signal.SIGINT  # the first only asks the loop to stop
+        os.kill(os.getpid(), signal.SIGUSR2)  # Slurm's warning, maybe sent twice: ignored while stopping
+        assert stop.signal == signal.SIGINT
         with pytest.raises(Interrupted, match="SIGTERM again: aborted at once") as error:
             os.kill(os.getpid(), signal.SIGTERM)
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
     assert run_cli(lambda: (_ for _ in ()).throw(error.value)) == 143
     assert run_cli(lambda: (_ for _ in ()).throw(KeyboardInterrupt())) == 130
 

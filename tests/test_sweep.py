@@ -126,7 +126,7 @@ def test_checkpoint_stops_the_run_and_requeues_the_same_job(tmp_path, monkeypatc
     job._process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     process = job._process
     delayed = job.checkpoint()
-    assert process.poll() == -signal.SIGTERM  # stopped: it resumes from its last checkpoint
+    assert process.poll() == -signal.SIGUSR2  # stopped (a script saves at its step boundary first): it resumes
     assert delayed.function is job and job._process is None
     requeued = cloudpickle.loads(cloudpickle.dumps(delayed))
     (tmp_path / "checkpoint.safetensors").touch()
@@ -143,6 +143,9 @@ def test_checkpoint_stops_the_run_and_requeues_the_same_job(tmp_path, monkeypatc
          "Did you mean 'ALE/Pong-v5'?"),
         (["--seeds"], "error: --seeds is empty: give one or more seeds, e.g. --seeds 1 2 3 4 5"),
         (["--seeds", "3"], "holds a sweep made by another command (python -m utils.sweep run"),
+        (["--executor", "slurm", "--timeout-min", "2"], "error: --timeout-min 2 is too short for Slurm: the job gets "
+         "SIGUSR2 (stop and save) 90 s before its time limit, and needs time to start and save first: give "
+         "--timeout-min 3 or more"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
@@ -153,6 +156,24 @@ def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
     assert sweep.main(["run", str(tmp_path), "--env-ids", "Pong", *flags, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("commands", [(), ("srun",)])
+def test_slurm_without_its_commands_is_one_line_and_submits_nothing(tmp_path, capsys, monkeypatch, commands):
+    """No Slurm on the PATH, or srun without sbatch: one line naming the fix, no run marked as submitted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in commands:
+        (bin_dir / command).write_text("#!/bin/sh\n")
+        (bin_dir / command).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert sweep.main(["run", str(tmp_path / "sweep"), "--executor", "slurm", "--env-ids", "Pong", "--seeds", "1"]) == 2
+    missing = "no sbatch here" if commands else "no srun here"
+    assert capsys.readouterr().err == (
+        f"error: --executor slurm needs Slurm's {'sbatch' if commands else 'sbatch and srun'} on the PATH ({missing}): "
+        "run it on the cluster's login node, or use --executor local\n"
+    )
+    assert not list(tmp_path.rglob(sweep.STATE))
 
 
 def test_status_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):

@@ -18,8 +18,8 @@ class UserError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """The run stopped on a signal (SIGINT, SIGTERM): `run_cli` prints its one-line message and exits with
-    128 + the signal's number (130, 143), as a shell reports a process a signal ended. A KeyboardInterrupt, so
+    """The run stopped on a signal (SIGINT, SIGTERM, SIGUSR2): `run_cli` prints its one-line message and exits with
+    128 + the signal's number (130, 143, 140), as a shell reports a process a signal ended. A KeyboardInterrupt, so
     that no `except Exception` on the way swallows it."""
 
     def __init__(self, message: str, signum: int):

@@ -1,7 +1,8 @@
 """What every drama_*.py script shares about running, not about the algorithm: the run's options (`RunOptions`,
 which each script's `Args` extends with the paper's hyperparameters), its start (`start_run`), its folder (unique,
 locked while a process trains in it: `run_folder`, `lock_run_folder`), the stop on a signal at a step boundary
-(`StopOnSignal`, `stopped`) and `--resume` (`resume`: the saved run's settings and its checkpoint).
+(SIGINT, SIGTERM, Slurm's SIGUSR2: `StopOnSignal`, `stopped`) and `--resume` (`resume`: the saved run's settings and
+its checkpoint).
 """
 
 import atexit
@@ -72,7 +73,7 @@ class RunOptions:
     come from this command line"""
     checkpoint_every: int = 10_000
     """write the full training state (for `--resume`) every this many env steps and at the end (0: only when
-    stopped by Ctrl-C or SIGTERM); with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
+    stopped by Ctrl-C, SIGTERM or SIGUSR2); with the 100k-step replay buffer a checkpoint is about 1.3 GB"""
     eval_episodes: int = 100
     """episodes of the final evaluation (the paper's protocol: 100; 0 skips it)"""
     eval_greedy: bool = False
@@ -226,13 +227,18 @@ def _unlock(key: str, path: str) -> None:
 
 
 class StopOnSignal:
-    """From its creation until `restore()`, a first SIGINT (Ctrl-C) or SIGTERM only sets `.signal`: the training
-    loop stops at its next step boundary and saves. A second one aborts at once (`Interrupted`; the files being
-    written stay whole, see `utils.files.atomic_write`). `restore()` puts the previous handlers back."""
+    """From its creation until `restore()`, a first SIGINT (Ctrl-C), SIGTERM or SIGUSR2 only sets `.signal`: the
+    training loop stops at its next step boundary and saves. SIGUSR2 is Slurm's warning before a time limit or a
+    preemption (submitit asks for it, `--signal=USR2@90`): Slurm sends it to every process of the job, and
+    submitit's `checkpoint()` may send it again, so a SIGUSR2 while already stopping is ignored. A second SIGINT or
+    SIGTERM aborts at once (`Interrupted`; the files being written stay whole, see `utils.files.atomic_write`).
+    `restore()` puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self):
         self.signal: int | None = None
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -241,9 +247,12 @@ class StopOnSignal:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.signal is not None:
+            if signum == signal.SIGUSR2:
+                return
             raise Interrupted(f"{name} again: aborted at once, without saving (the last checkpoint stays)", signum)
         self.signal = signum
-        os.write(2, f"\n{name}: stopping after this step to save the run (again: abort at once)\n".encode())
+        again = "" if signum == signal.SIGUSR2 else " (again: abort at once)"
+        os.write(2, f"\n{name}: stopping after this step to save the run{again}\n".encode())
 
 
 def stopped(signum: int, step: int, total: int, run_dir: str, variant: str, agent_path: str | None) -> Interrupted:

@@ -7,11 +7,15 @@
 Each (script, game, seed) is one job training in its own folder `<sweep>/<script>/<Game>/seed<seed>`. Running the
 same command again skips finished runs (their eval_results.json exists), leaves alone runs that are still queued or
 running, resumes runs that have a checkpoint (`--resume`) and starts the rest. A job that Slurm preempts or times
-out is requeued by submitit (its `checkpoint()`), and continues with `--resume` from its last checkpoint.
+out gets SIGUSR2 90 s before (submitit's `--signal=USR2@90`): the training script stops at its step boundary and
+saves, and submitit (its `checkpoint()`) requeues the job, which continues with `--resume` from that step. On a
+real Slurm cluster: docs/slurm.md; a single-node one on this machine: `python -m utils.slurm_local`.
 """
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import os
 import shlex
@@ -51,14 +55,21 @@ def last_line(path: Path) -> str:
 
 
 RUNTIME_FLAGS = {"--device", "--compile", "--no-compile", "--torch-threads"}  # see `Args.resume` in the scripts
+# exit codes of a script that stopped on SIGINT, SIGTERM or SIGUSR2 after saving its state (`utils.Interrupted`)
+STOPPED_CODES = {128 + signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+STOP_WAIT_S = 60  # how long checkpoint() waits for the script to save (Slurm's warning comes 90 s before the kill)
+SIGNAL_LEAD_S = 90  # submitit's default `signal_delay_s`: SIGUSR2 comes this long before the time limit
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
     """One run of a training script in its own folder: starts it, or resumes it when it has a checkpoint.
 
-    On preemption or timeout submitit calls `checkpoint()`: it stops the script with SIGTERM (the script saves its
-    state at the end of its step; if it is killed after 60 s, its last checkpoint is on disk) and hands submitit
-    this same job to requeue, which then resumes from that checkpoint.
+    On preemption or timeout Slurm sends SIGUSR2 to every process of the job, the script included, and submitit
+    calls `checkpoint()`: it sends SIGUSR2 again (for a signal that reached only submitit; the script ignores a
+    second one), waits until the script has saved its state at the end of its step (killed after `STOP_WAIT_S`, its
+    last checkpoint stays) and hands submitit this same job to requeue, which then resumes from that step. A script
+    stopped by a signal (scancel's SIGTERM, a SIGUSR2 that reached only it) ends the job as "stopped", not as a
+    crash: re-running the sweep resumes it.
     """
 
     def __init__(self, script: str, env_id: str, seed: int, flags: list[str], run_dir: str):
@@ -115,6 +126,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         finally:
             if self._process is not None and self._process.poll() is None:
                 self._process.kill()
+        if returncode in STOPPED_CODES:  # stopped on a signal after saving: not a crash, nothing to trace back
+            self.report("stopped", error=last_line(run_dir / LOG))
+            return {}
         if returncode != 0:
             killed = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else ""
             error = killed or last_line(run_dir / LOG)
@@ -129,9 +143,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         if self._process is not None and self._process.poll() is None:
-            self._process.terminate()  # the script saves its state at the end of its step
+            self._process.send_signal(signal.SIGUSR2)  # stop at the end of the step and save (ignored if stopping)
             try:
-                self._process.wait(timeout=60)
+                self._process.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 self._process.kill()
         self._process = None  # a Popen cannot be pickled into the requeued job
@@ -215,8 +229,20 @@ def alive(state: dict) -> bool:
     return queued.returncode == 0 and bool(queued.stdout.strip())
 
 
+def slurm_state(job_id: str) -> str:
+    """A Slurm job's state (COMPLETED, CANCELLED, TIMEOUT, NODE_FAIL, ...): from sacct where accounting is on, else
+    from squeue, which knows an ended job for `MinJobAge` (300 s by default); '' when neither knows it."""
+    for command in (["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], ["squeue", "-h", "-t", "all", "-j",
+                                                                               job_id, "-o", "%T"]):  # fmt: skip
+        if shutil.which(command[0]) is not None:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode == 0 and done.stdout.split():
+                return done.stdout.split()[0]  # "CANCELLED by 0": CANCELLED
+    return ""
+
+
 def run_state(run_dir: Path) -> tuple[str, str]:
-    """(done | running | pending | failed, detail) of one run folder."""
+    """(done | running | pending | failed | cancelled, detail) of one run folder."""
     if (run_dir / "eval_results.json").exists():
         result = json.loads((run_dir / "eval_results.json").read_text())
         return "done", f"mean return {result['mean']:.1f} over {len(result.get('returns', []))} episodes"
@@ -226,12 +252,16 @@ def run_state(run_dir: Path) -> tuple[str, str]:
     job = f"job {state.get('job_id')}"
     if state["state"] in ("failed", "done"):  # done without eval_results.json: it was deleted
         return "failed", f"{state.get('error', 'eval_results.json is gone')} ({job}, log: {run_dir / LOG})"
-    if not alive(state):
-        error = last_line(run_dir / LOG) if (run_dir / LOG).exists() else "never started"
-        return "failed", f"{job} is gone without a result: {error} (log: {run_dir / LOG})"
-    if state["state"] == "running":
-        return "running", f"{job} on {state['host']}"
-    return "pending", f"{job} {state['state']}"
+    log = last_line(run_dir / LOG) if (run_dir / LOG).exists() else "never started"
+    if alive(state):
+        if state["state"] == "running":
+            return "running", f"{job} on {state['host']}"
+        return "pending", f"{job} {state['state']}"  # submitted, or requeued (and stopped, then requeued by Slurm)
+    ended = slurm_state(str(state["job_id"])) if state["executor"] == "slurm" else ""
+    if state["state"] == "stopped" or ended.startswith("CANCELLED"):
+        return "cancelled", f"{job} {ended or 'stopped'}: {log}; re-run the same command to resume"
+    ended = f" ({ended})" if ended else ""
+    return "failed", f"{job}{ended} is gone without a result: {log} (log: {run_dir / LOG})"
 
 
 def print_status(sweep_dir: Path, definition: dict) -> dict[str, int]:
@@ -240,7 +270,8 @@ def print_status(sweep_dir: Path, definition: dict) -> dict[str, int]:
     print(f"{'run':<{width}}  {'state':<8} detail")
     for run_dir, state, detail in rows:
         print(f"{str(run_dir.relative_to(sweep_dir)):<{width}}  {state:<8} {detail}")
-    counts = {state: sum(row[1] == state for row in rows) for state in ("done", "running", "pending", "failed")}
+    states = ("done", "running", "pending", "failed", "cancelled")
+    counts = {state: sum(row[1] == state for row in rows) for state in states}
     print(f"{len(rows)} runs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     return counts
 
@@ -281,17 +312,39 @@ def sbatch_script(sweep_dir: Path, parameters: dict, count: int) -> str:
     return _make_sbatch_string(command=command, folder=folder, map_count=count, **parameters)
 
 
-def submit_slurm(jobs: list[TrainingJob], args: argparse.Namespace, sweep_dir: Path) -> None:
+NO_SLURM = "run it on the cluster's login node, or use --executor local"
+
+
+def check_slurm_commands() -> None:
+    """srun on the PATH (submitit's SlurmExecutor needs it; sbatch is checked when it submits), or one line."""
     if shutil.which("srun") is None:
-        raise UserError("--executor slurm needs Slurm (no srun on this machine): run it on a login node, or use local")
+        raise UserError(f"--executor slurm needs Slurm's sbatch and srun on the PATH (no srun here): {NO_SLURM}")
+
+
+def submit_slurm(jobs: list[TrainingJob], args: argparse.Namespace, sweep_dir: Path) -> None:
+    """Submit the jobs as one Slurm array; sbatch's refusal (an unknown partition or account, ...) is one line."""
     executor = submitit.SlurmExecutor(folder=sweep_dir / "submitit" / "%j", max_num_timeout=args.max_requeues)
     executor.update_parameters(**slurm_parameters(args, sweep_dir))
-    with executor.batch():
-        submitted = [executor.submit(job) for job in jobs]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # submitit prints sbatch's stderr too
+            submitted = [executor.submit(job) for job in jobs]
+    except FileNotFoundError as error:  # sbatch
+        raise UserError(f"--executor slurm needs Slurm's sbatch on the PATH (no {error.filename} here): "
+                        f"{NO_SLURM}") from None  # fmt: skip
+    except submitit.core.utils.FailedJobError as error:
+        raise UserError(f"sbatch refused the jobs, nothing was submitted: {last_error(str(error))} (check "
+                        "--partition and --account: `sinfo` lists the partitions, `sacctmgr show assoc "
+                        "user=$USER` your accounts)") from None  # fmt: skip
     for job, handle in zip(jobs, submitted, strict=True):
         job.report("submitted", executor="slurm", job_id=handle.job_id)
     print(f"submitted {len(jobs)} jobs as Slurm array {submitted[0].job_id.split('_')[0]}")
     print(f"follow them with: python -m utils.sweep status {sweep_dir}")
+
+
+def last_error(text: str) -> str:
+    """The last line of a command's error output, without its `sbatch: error: ` prefix."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or ["(no message)"]
+    return lines[-1].removeprefix("sbatch: error: ")
 
 
 def run_local(jobs: list[TrainingJob], args: argparse.Namespace, sweep_dir: Path) -> None:
@@ -318,9 +371,24 @@ def run_local(jobs: list[TrainingJob], args: argparse.Namespace, sweep_dir: Path
         aggregate(sweep_dir)
 
 
-def run(args: argparse.Namespace, flags: list[str], command: str) -> None:
+def check_options(args: argparse.Namespace) -> None:
+    """The executor's options, before anything is written or submitted. On Slurm the time limit must leave room for
+    submitit's SIGUSR2, `SIGNAL_LEAD_S` before it, and for the script to start, finish its step and save: a limit
+    under 3 minutes warns at once (Slurm 22.05 rounds a limit to whole minutes and signals at the start of a
+    2-minute job). No check against --checkpoint-every: a time limit or a preemption saves the run at the signal,
+    so the checkpoint interval only bounds what a crash (a node failure, a kill) loses."""
     if args.parallel < 1 or args.timeout_min < 1 or args.max_requeues < 0:
         raise UserError("--parallel and --timeout-min must be >= 1, --max-requeues >= 0")
+    if args.executor == "slurm" and args.timeout_min < 3:
+        raise UserError(f"--timeout-min {args.timeout_min} is too short for Slurm: the job gets SIGUSR2 (stop and "
+                        f"save) {SIGNAL_LEAD_S} s before its time limit, and needs time to start and save first: give "
+                        "--timeout-min 3 or more")  # fmt: skip
+    if args.executor == "slurm" and not args.dry_run:
+        check_slurm_commands()
+
+
+def run(args: argparse.Namespace, flags: list[str], command: str) -> None:
+    check_options(args)
     scripts, env_ids = check_sweep(args.scripts, args.env_ids, args.seeds)
     definition = {"scripts": scripts, "env_ids": env_ids, "seeds": args.seeds, "flags": flags}
     sweep_dir = Path(args.sweep_dir).resolve()
