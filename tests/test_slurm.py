@@ -43,18 +43,25 @@ def tiny(total: int, every: int) -> list[str]:
 LONG = tiny(800, 200)  # about 40 s of training on one core: time to stop it a few times
 
 
+def skip_or_fail(why: str) -> None:
+    """Skip where no cluster can start; fail instead where DRAMA_REQUIRE_SLURM=1 (.ci/run: the tests must run)."""
+    if os.environ.get("DRAMA_REQUIRE_SLURM") == "1":
+        pytest.fail(f"DRAMA_REQUIRE_SLURM=1, but {why}")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A single-node Slurm for this module; SLURM_CONF names it (for sbatch, squeue, scontrol, utils.sweep)."""
     why = slurm_local.why_not_here()
     if why:
-        pytest.skip(why)
+        skip_or_fail(why)
     local = slurm_local.LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
         local.start()
     except UserError as error:
         local.stop()
-        pytest.skip(f"the local Slurm cluster did not start: {error}")
+        skip_or_fail(f"the local Slurm cluster did not start: {error}")
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(local.conf)
     yield local
