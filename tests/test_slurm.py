@@ -5,7 +5,7 @@ job and a job at its time limit stop at the signal, are requeued and end with th
 log line; sbatch's refusal is one line.
 
 Needs root (the cluster's daemons) and Debian's slurm-wlm and munge (installed with apt-get where missing); skipped
-with one line elsewhere. The slow ones: `pytest -q -m "slurm and slow"` (about 7 minutes on 2 cores).
+with one line elsewhere. The slow ones: `pytest -q -m "slurm and slow"` (6.5 minutes on 2 cores).
 
 A requeued job may start again 11 s later (the cluster's `cred_expire`; Slurm's default holds it 121 s).
 """
