@@ -13,6 +13,7 @@ utils).
 - the flags and the saved settings are checked before anything runs.
 """
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -239,9 +240,19 @@ def safetensors_temporaries(folder: Path) -> list[Path]:
     return [path for path in folder.iterdir() if files.SAFETENSORS_TEMPORARY.fullmatch(path.name)]
 
 
+def partly_written(folder: Path) -> list[Path]:
+    """The safetensors temporaries in `folder` that hold some bytes (one may be renamed away while we look)."""
+    written = []
+    for path in safetensors_temporaries(folder):
+        with contextlib.suppress(FileNotFoundError):
+            written += [path] if path.stat().st_size > 0 else []
+    return written
+
+
 def kill_mid_save(folder: Path) -> None:
     """SIGKILL a process that holds `folder`'s lock and saves 128 MB there again and again, while safetensors writes
-    its own hidden temporary file (tried again where the kill came after the rename)."""
+    its own hidden temporary file (tried again where the kill came before its first bytes or after the rename);
+    one partly written temporary is left."""
     saving = ("import sys, torch; from utils.runs import lock_run_folder; from utils.files import atomic_save\n"
               "lock_run_folder(sys.argv[1]); print('locked', flush=True)\n"
               "big = {'x': torch.ones(2**27, dtype=torch.uint8)}\n"
@@ -251,11 +262,13 @@ def kill_mid_save(folder: Path) -> None:
                                  text=True)  # fmt: skip
         assert saver.stdout.readline() == "locked\n"
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not safetensors_temporaries(folder):
+        while time.monotonic() < deadline and not partly_written(folder):
             time.sleep(0.001)
         saver.send_signal(signal.SIGKILL)
         saver.wait()
-        if safetensors_temporaries(folder):
+        if partly_written(folder):
+            for path in set(safetensors_temporaries(folder)) - set(partly_written(folder)):
+                path.unlink()  # an empty one from a kill before the first bytes of an earlier try
             return
     raise AssertionError("no save was caught mid-write")
 
