@@ -374,7 +374,7 @@ def run_local(jobs: list[TrainingJob], args: argparse.Namespace, sweep_dir: Path
 def check_options(args: argparse.Namespace) -> None:
     """The executor's options, before anything is written or submitted. On Slurm the time limit must leave room for
     submitit's SIGUSR2, `SIGNAL_LEAD_S` before it, and for the script to start, finish its step and save: a limit
-    under 3 minutes warns at once (Slurm 22.05 rounds a limit to whole minutes and signals at the start of a
+    under 3 minutes is refused at once (Slurm 22.05 rounds a limit to whole minutes and signals at the start of a
     2-minute job). No check against --checkpoint-every: a time limit or a preemption saves the run at the signal,
     so the checkpoint interval only bounds what a crash (a node failure, a kill) loses."""
     if args.parallel < 1 or args.timeout_min < 1 or args.max_requeues < 0:
